@@ -1,0 +1,41 @@
+# Each target installs what it needs into .venv by itself, so a fresh clone needs only python3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: venv test unit lint typecheck demo broker clean fmt
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: venv
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+unit: venv
+	$(BIN)/python -m pytest -m unit -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: venv
+	$(BIN)/mypy schemas services/upgrade_manager/domain
+
+broker: venv
+	$(BIN)/escalator broker
+
+demo: venv
+	$(BIN)/escalator demo
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .hypothesis
