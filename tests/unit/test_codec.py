@@ -99,7 +99,7 @@ def test_every_event_declares_a_supported_schema_version(cls: type[Event]) -> No
 
 
 def test_old_payloads_are_upcast_to_the_current_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Pretend NodeUpgraded v2 renamed `version` to `installed`; a stored v1 payload must still decode.
+    # Pretend v1 named the field `old_version_field` and v2 renamed it to `version`.
     class NodeUpgradedV2(NodeUpgraded):
         SCHEMA_VERSION = 2
 
