@@ -1,0 +1,5 @@
+import sys
+
+from escalator.world.app import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""Async client of the world's HTTP API, returning the world's own pydantic models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import BaseModel, TypeAdapter
+
+from escalator.world.model import (
+    Interruption,
+    NodeView,
+    RebootRecord,
+    VmView,
+    VnfView,
+    WorldSnapshot,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def _seg(identifier: str) -> str:
+    """An id as one URL path segment."""
+    return quote(identifier, safe="")
+
+
+class WorldError(Exception):
+    """The world answered with an error status (or could not be reached: status 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class WorldClient:
+    """Typed calls to the world. Use as `async with WorldClient(url) as world: ...`, or call
+    `close()`; a session passed in is borrowed and left open."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._owns_session = session is None
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def __aenter__(self) -> WorldClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        try:
+            async with self._http().request(
+                method, f"{self.base_url}{path}", json=json, params=params
+            ) as response:
+                try:
+                    payload = await response.json(content_type=None)
+                except ValueError:
+                    payload = None
+                if response.status >= 400:
+                    message = (
+                        (payload.get("error") if isinstance(payload, dict) else None)
+                        or response.reason
+                        or "error"
+                    )
+                    raise WorldError(response.status, str(message))
+                return payload
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise WorldError(0, f"world unreachable at {self.base_url}: {exc!r}") from exc
+
+    async def _model(self, model: type[ModelT], method: str, path: str, **kw: Any) -> ModelT:
+        return model.model_validate(await self._request(method, path, **kw))
+
+    async def _models(
+        self, model: type[ModelT], key: str, method: str, path: str, **kw: Any
+    ) -> list[ModelT]:
+        payload = await self._request(method, path, **kw)
+        return TypeAdapter(list[model]).validate_python(payload[key])  # type: ignore[valid-type]
+
+    # queries -----------------------------------------------------------------------------------
+
+    async def healthz(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", "/healthz")
+        return result
+
+    async def snapshot(self) -> WorldSnapshot:
+        return await self._model(WorldSnapshot, "GET", "/v1/snapshot")
+
+    async def nodes(self) -> list[NodeView]:
+        return await self._models(NodeView, "nodes", "GET", "/v1/nodes")
+
+    async def node(self, node_id: str) -> NodeView:
+        return await self._model(NodeView, "GET", f"/v1/nodes/{_seg(node_id)}")
+
+    async def node_vms(self, node_id: str) -> list[VmView]:
+        """VMs on the node plus migrations under way toward it (`incoming=True`)."""
+        return await self._models(VmView, "vms", "GET", f"/v1/nodes/{_seg(node_id)}/vms")
+
+    async def vm(self, vm_id: str) -> VmView:
+        return await self._model(VmView, "GET", f"/v1/vms/{_seg(vm_id)}")
+
+    async def vnfs(self) -> list[VnfView]:
+        return await self._models(VnfView, "vnfs", "GET", "/v1/vnfs")
+
+    async def vnf(self, vnf_id: str) -> VnfView:
+        return await self._model(VnfView, "GET", f"/v1/vnfs/{_seg(vnf_id)}")
+
+    async def interruptions(self) -> list[Interruption]:
+        return await self._models(Interruption, "interruptions", "GET", "/v1/monitor/interruptions")
+
+    # maintenance -------------------------------------------------------------------------------
+
+    async def claim_maintenance(self, node_id: str, holder: str) -> NodeView:
+        """Raises WorldError(409) when another holder has it or an administrator disabled it."""
+        return await self._model(
+            NodeView, "POST", f"/v1/nodes/{_seg(node_id)}/maintenance", json={"holder": holder}
+        )
+
+    async def release_maintenance(self, node_id: str, holder: str) -> NodeView:
+        return await self._model(
+            NodeView, "DELETE", f"/v1/nodes/{_seg(node_id)}/maintenance", params={"holder": holder}
+        )
+
+    async def admin_disable(self, node_id: str, note: str | None = None) -> NodeView:
+        return await self._model(
+            NodeView, "POST", f"/v1/nodes/{_seg(node_id)}/admin-disable", json={"note": note}
+        )
+
+    async def admin_enable(self, node_id: str) -> NodeView:
+        return await self._model(
+            NodeView, "POST", f"/v1/nodes/{_seg(node_id)}/admin-enable", json={}
+        )
+
+    # actions -----------------------------------------------------------------------------------
+
+    async def reboot_node(
+        self,
+        node_id: str,
+        *,
+        duration_s: float | None = None,
+        version: str | None = None,
+        fail: bool = False,
+    ) -> RebootRecord:
+        body: dict[str, Any] = {"fail": fail}
+        if duration_s is not None:
+            body["duration_s"] = float(duration_s)
+        if version is not None:
+            body["version"] = version
+        return await self._model(
+            RebootRecord, "POST", f"/v1/nodes/{_seg(node_id)}/reboot", json=body
+        )
+
+    async def wait_reboot_finished(
+        self, node_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.05
+    ) -> RebootRecord:
+        """Poll until the node's latest reboot is over; returns its record (succeeded/failed)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            node = await self.node(node_id)
+            if node.reboot is not None and node.reboot.state != "in_progress":
+                return node.reboot
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node_id} still rebooting after {timeout_s}s")
+            await asyncio.sleep(poll_s)
+
+    async def migrate_vm(self, vm_id: str, destination: str | None = None) -> VmView:
+        body = {} if destination is None else {"destination": destination}
+        return await self._model(VmView, "POST", f"/v1/vms/{_seg(vm_id)}/migrate", json=body)
+
+    async def switch_over(self, vnf_id: str, to_member: str) -> VnfView:
+        return await self._model(
+            VnfView, "POST", f"/v1/vnfs/{_seg(vnf_id)}/switchover", json={"to_member": to_member}
+        )
+
+    async def drain_member(self, vnf_id: str, member: str) -> VnfView:
+        return await self._model(
+            VnfView, "POST", f"/v1/vnfs/{_seg(vnf_id)}/drain", json={"member": member}
+        )
+
+    async def restore_member(self, vnf_id: str, member: str) -> VnfView:
+        return await self._model(
+            VnfView, "POST", f"/v1/vnfs/{_seg(vnf_id)}/restore", json={"member": member}
+        )
+
+    async def inject_faults(self, node_id: str, fail_next_upgrades: int) -> NodeView:
+        return await self._model(
+            NodeView,
+            "POST",
+            "/v1/faults",
+            json={"node_id": node_id, "fail_next_upgrades": fail_next_upgrades},
+        )
