@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from escalator.bus.publisher import EventPublisher
+from escalator.bus.readback import read_to_high_watermark
+from escalator.settings import KafkaSettings
 from schemas.events import VnfProfile, VnfRegistered
+from schemas.topics import VNF_REGISTRY
 from schemas.types import VmId, VnfId
 
 
@@ -63,3 +67,21 @@ class VnfRegistry:
 
     def __len__(self) -> int:
         return len(self.profiles)
+
+
+async def load_registry(settings: KafkaSettings, *, timeout_s: float = 30.0) -> VnfRegistry:
+    """The registry as it stands now: the compacted topic read to its high watermark."""
+    records = await read_to_high_watermark(settings, VNF_REGISTRY, timeout_s=timeout_s)
+    registry = VnfRegistry()
+    for key, event in records.items():
+        if isinstance(event, VnfRegistered):
+            registry.apply(key, event)
+    return registry
+
+
+async def publish_profiles(
+    publisher: EventPublisher, profiles: Iterable[VnfProfile], *, producer: str
+) -> int:
+    events = [VnfRegistered(vnf=profile, producer=producer) for profile in profiles]
+    await publisher.publish_all(events, VNF_REGISTRY)
+    return len(events)

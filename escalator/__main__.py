@@ -1,0 +1,3 @@
+from escalator.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""Rebuilding state from a (compacted) topic: the latest value per key, up to "now".
+
+"Now" is each partition's high watermark as reported in fetch responses (`consumer.highwater`).
+The ListOffsets end offset (`end_offsets`) is not used: a broker this project may run on
+(Tansu) reports it too low after multi-record batches, which would stop the read early.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka.structs import TopicPartition
+
+from escalator.bus.connection import make_consumer
+from escalator.bus.partitioning import topic_partitions
+from escalator.settings import KafkaSettings
+from schemas.codec import InvalidEvent, decode
+from schemas.envelope import Event
+from schemas.topics import TopicSpec
+
+__all__ = ["read_to_high_watermark"]
+
+log = logging.getLogger(__name__)
+
+
+async def read_to_high_watermark(
+    settings: KafkaSettings,
+    topic: str | TopicSpec,
+    *,
+    decoder: Callable[[bytes | None], Any] = decode,
+    timeout_s: float = 30.0,
+) -> dict[bytes, Event]:
+    """Read `topic` from the beginning to its high watermark; the last valid value per key.
+
+    `topic` is a `TopicSpec` (the settings' prefix is applied) or a full topic name. A
+    tombstone (null value) removes its key; records without a key and records that do not decode
+    (an `InvalidEvent`) are skipped with a warning. Records produced after a partition's high
+    watermark was observed may or may not be included. Raises TimeoutError if the end is not
+    reached within `timeout_s`.
+    """
+    name = settings.topic(topic.name) if isinstance(topic, TopicSpec) else topic
+    consumer = make_consumer(settings, None)
+    await consumer.start()
+    try:
+        parts = await topic_partitions(consumer, name, timeout_s=min(timeout_s, 10.0))
+        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        state: dict[bytes, Event] = {}
+        skipped = 0
+        pending = set(tps)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"read-back of {name} did not reach the high watermark in {timeout_s}s "
+                    f"({len(pending)} partition(s) behind)"
+                )
+            batches = await consumer.getmany(
+                *pending, timeout_ms=settings.fetch_max_wait_ms, max_records=10_000
+            )
+            for records in batches.values():
+                for record in records:
+                    if record.key is None:
+                        skipped += 1
+                        continue
+                    if record.value is None:
+                        state.pop(record.key, None)
+                        continue
+                    value = decoder(record.value)
+                    if isinstance(value, InvalidEvent):
+                        skipped += 1
+                        log.warning(
+                            "read-back %s[%d]@%d skipped: %s",
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                            value,
+                        )
+                        continue
+                    state[record.key] = value
+            for tp in list(pending):
+                high = consumer.highwater(tp)
+                if high is not None and await consumer.position(tp) >= high:
+                    pending.discard(tp)
+        if skipped:
+            log.warning("read-back %s: %d record(s) skipped", name, skipped)
+        return state
+    finally:
+        await consumer.stop()

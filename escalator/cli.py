@@ -1,0 +1,364 @@
+"""`escalator`: the operator's command line.
+
+Every verb fails on bad input with one line on stderr and exit code 2, so scripts can tell a
+usage error from a failed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import json
+import re
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from escalator.settings import KafkaSettings
+from schemas.events import CampaignPolicy, UpgradeRequested, VnfProfile
+from schemas.types import ArtifactFile, VersionManifest, VnfmTimeoutPolicy
+
+app = typer.Typer(
+    name="escalator",
+    help="Rolling upgrades of NFV compute nodes that keep VNFs serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+upgrade_app = typer.Typer(help="Start upgrade campaigns.", no_args_is_help=True)
+registry_app = typer.Typer(help="The VNF registry (compacted topic).", no_args_is_help=True)
+app.add_typer(upgrade_app, name="upgrade")
+app.add_typer(registry_app, name="registry")
+
+err = Console(stderr=True)
+out = Console()
+
+SERVICES = {
+    "upgrade-manager": "services.upgrade_manager",
+    "cloud-manager": "services.cloud_manager",
+    "vnfm-adapter": "services.vnfm_adapter",
+    "node-agent": "services.node_agent",
+    "reference-vnfm": "services.vnfm_adapter.reference_vnfm",
+}
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"escalator: error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def kafka_settings() -> KafkaSettings:
+    try:
+        return KafkaSettings()
+    except ValidationError as exc:
+        fail(f"bad Kafka settings in the environment: {_first_error(exc)}")
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "value"
+    return f"{where}: {first['msg']}"
+
+
+# --- upgrade start ----------------------------------------------------------------------------
+
+
+def _read_manifest(path: Path, version: str) -> VersionManifest:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        fail(f"cannot read manifest {path}: {exc.strerror}")
+    try:
+        data: Any = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        fail(f"manifest {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}")
+    if not isinstance(data, dict):
+        fail(f"manifest {path} must be an object with 'files'")
+    data.setdefault("version", version)
+    if data["version"] != version:
+        fail(f"manifest {path} is for version {data['version']!r}, not --version {version!r}")
+    try:
+        return VersionManifest.model_validate(data)
+    except ValidationError as exc:
+        fail(f"manifest {path}: {_first_error(exc)}")
+
+
+def _manifest_from_artifacts(
+    paths: list[Path], repo_url: str | None, version: str
+) -> VersionManifest:
+    if not repo_url:
+        fail("--artifact needs --repo-url: node agents fetch files by URI, never a local path")
+    files = []
+    for path in paths:
+        if not path.is_file():
+            fail(f"artifact {path} is not a readable file")
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        uri = f"{repo_url.rstrip('/')}/{path.name}"
+        try:
+            files.append(
+                ArtifactFile(
+                    name=path.name,
+                    sha256=digest.hexdigest(),
+                    uri=uri,
+                    size_bytes=path.stat().st_size,
+                )
+            )
+        except ValidationError as exc:
+            fail(f"artifact {path}: {_first_error(exc)}")
+    try:
+        return VersionManifest(version=version, files=tuple(files))
+    except ValidationError as exc:
+        fail(_first_error(exc))
+
+
+def new_campaign_id(version: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", version.lower()).strip("-")[:40] or "v"
+    return f"cmp-{slug}-{uuid.uuid4().hex[:8]}"
+
+
+def build_upgrade_request(
+    *,
+    version: str,
+    manifest: Path | None,
+    artifacts: list[Path],
+    repo_url: str | None,
+    nodes: list[str],
+    max_parallel: int,
+    vnfm_timeout: float,
+    on_vnfm_timeout: VnfmTimeoutPolicy,
+    campaign_id: str | None,
+    requested_by: str,
+) -> UpgradeRequested:
+    if (manifest is None) == (not artifacts):
+        fail("give exactly one of --manifest FILE or --artifact FILE...")
+    built = (
+        _read_manifest(manifest, version)
+        if manifest is not None
+        else _manifest_from_artifacts(artifacts, repo_url, version)
+    )
+    node_list = [n for item in nodes for n in item.split(",") if n.strip()]
+    try:
+        policy = CampaignPolicy(
+            max_parallel=max_parallel, vnfm_timeout_s=vnfm_timeout, on_vnfm_timeout=on_vnfm_timeout
+        )
+        return UpgradeRequested(
+            campaign_id=campaign_id or new_campaign_id(version),
+            manifest=built,
+            nodes=tuple(n.strip() for n in node_list) or None,
+            policy=policy,
+            requested_by=requested_by,
+            producer="operator-cli",
+        )
+    except ValidationError as exc:
+        fail(_first_error(exc))
+
+
+async def publish_upgrade_request(settings: KafkaSettings, request: UpgradeRequested) -> None:
+    from escalator.bus.connection import ensure_topics, make_producer
+    from escalator.bus.publisher import EventPublisher
+    from schemas.topics import CAMPAIGNS
+
+    await ensure_topics(settings)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await EventPublisher(producer, settings).publish(request, CAMPAIGNS)
+    finally:
+        await producer.stop()
+
+
+@upgrade_app.command("start")
+def upgrade_start(
+    version: Annotated[str, typer.Option("--version", help="Version to roll out.")],
+    manifest: Annotated[
+        Path | None,
+        typer.Option("--manifest", help="JSON or TOML manifest: files with name, sha256, uri."),
+    ] = None,
+    artifact: Annotated[
+        list[Path] | None, typer.Option("--artifact", help="A file of the version (repeatable).")
+    ] = None,
+    repo_url: Annotated[
+        str | None, typer.Option("--repo-url", help="Where node agents fetch --artifact files.")
+    ] = None,
+    nodes: Annotated[
+        list[str] | None, typer.Option("--nodes", help="Nodes to upgrade (repeat or comma list).")
+    ] = None,
+    max_parallel: Annotated[int, typer.Option("--max-parallel", min=1, max=10_000)] = 1,
+    vnfm_timeout: Annotated[
+        float,
+        typer.Option("--vnfm-timeout", min=0.001, help="Seconds the VNFM has to move business."),
+    ] = 40.0,
+    on_vnfm_timeout: Annotated[
+        VnfmTimeoutPolicy, typer.Option("--on-vnfm-timeout", help="Policy when the VNFM is late.")
+    ] = VnfmTimeoutPolicy.MIGRATE,
+    campaign_id: Annotated[str | None, typer.Option("--campaign-id")] = None,
+    requested_by: Annotated[str, typer.Option("--requested-by")] = "operator",
+) -> None:
+    """Publish `UpgradeRequested` and print the campaign id."""
+    request = build_upgrade_request(
+        version=version,
+        manifest=manifest,
+        artifacts=artifact or [],
+        repo_url=repo_url,
+        nodes=nodes or [],
+        max_parallel=max_parallel,
+        vnfm_timeout=vnfm_timeout,
+        on_vnfm_timeout=on_vnfm_timeout,
+        campaign_id=campaign_id,
+        requested_by=requested_by,
+    )
+    try:
+        asyncio.run(publish_upgrade_request(kafka_settings(), request))
+    except Exception as exc:  # any broker failure is one readable line, not a traceback
+        fail(f"could not publish to Kafka: {exc}", code=1)
+    out.print(request.campaign_id, markup=False, highlight=False)
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+@registry_app.command("load")
+def registry_load(
+    file: Annotated[Path, typer.Argument(help="JSON list of VNF profiles.")],
+) -> None:
+    """Publish VNF profiles to the registry topic (replacing profiles with the same id)."""
+    try:
+        data = json.loads(file.read_text())
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}")
+    except json.JSONDecodeError as exc:
+        fail(f"{file} is not valid JSON: {exc}")
+    if not isinstance(data, list):
+        fail(f"{file} must hold a JSON list of VNF profiles")
+    try:
+        profiles = [VnfProfile.model_validate(item) for item in data]
+    except ValidationError as exc:
+        fail(f"{file}: {_first_error(exc)}")
+
+    async def publish() -> int:
+        from escalator.bus.connection import ensure_topics, make_producer
+        from escalator.bus.publisher import EventPublisher
+        from escalator.registry import publish_profiles
+
+        settings = kafka_settings()
+        await ensure_topics(settings)
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            return await publish_profiles(
+                EventPublisher(producer, settings), profiles, producer="operator-cli"
+            )
+        finally:
+            await producer.stop()
+
+    try:
+        count = asyncio.run(publish())
+    except Exception as exc:
+        fail(f"could not publish to Kafka: {exc}", code=1)
+    out.print(f"published {count} VNF profiles")
+
+
+@registry_app.command("list")
+def registry_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the VNF registry as it stands."""
+    from rich.table import Table
+
+    from escalator.registry import load_registry
+
+    try:
+        registry = asyncio.run(load_registry(kafka_settings()))
+    except Exception as exc:
+        fail(f"could not read the registry: {exc}", code=1)
+    profiles = sorted(registry.profiles.values(), key=lambda p: p.vnf_id)
+    if as_json:
+        out.print_json(json.dumps([p.model_dump(mode="json") for p in profiles]))
+        return
+    table = Table("VNF", "VNFM", "redundancy", "members", "min in service", "max unavailable")
+    for p in profiles:
+        table.add_row(
+            p.vnf_id,
+            p.vnfm_id,
+            p.redundancy.value,
+            str(len(p.members)),
+            str(p.min_in_service),
+            str(p.max_unavailable),
+        )
+    out.print(table)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+@app.command()
+def broker(
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode", help="auto|external|testcontainers|kafka|tansu (or ESCALATOR_BROKER)."
+        ),
+    ] = None,
+) -> None:
+    """Start a Kafka broker through the launcher and keep it running until Ctrl-C."""
+    from escalator.broker import BrokerModeError, serve_forever
+
+    try:
+        code = serve_forever(mode)
+    except BrokerModeError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def world(ctx: typer.Context) -> None:
+    """Run the simulated cloud (options: --port --nodes --domains --seed --speed ...)."""
+    from escalator.world import main as world_main
+
+    raise typer.Exit(world_main(list(ctx.args)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+) -> None:
+    """Run one Escalator service process (extra options go to the service)."""
+    module_name = SERVICES.get(service)
+    if module_name is None:
+        fail(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+    module = importlib.import_module(
+        module_name if module_name.count(".") > 1 else f"{module_name}.__main__"
+    )
+    raise typer.Exit(module.main(list(ctx.args)))
+
+
+def main() -> None:
+    # standalone_mode=False lets us print usage errors as one line instead of a boxed panel.
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except typer.TyperException as exc:  # usage errors: bad option, missing argument, ...
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"escalator: error: {message}{hint}", soft_wrap=True, markup=False)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
