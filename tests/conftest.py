@@ -53,3 +53,15 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[..., str]:
         return f"{prefix}-{test}-{uuid.uuid4().hex[:10]}"
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _real_kafka_only_on_real_kafka(request: pytest.FixtureRequest) -> None:
+    """Tests marked `real_kafka` rely on Kafka semantics that Tansu lacks (offsets, compaction)."""
+    if request.node.get_closest_marker("real_kafka") is None:
+        return
+    if "broker" not in request.fixturenames:
+        return
+    handle: BrokerHandle = request.getfixturevalue("broker")
+    if handle.kind == "tansu":
+        pytest.skip("needs Apache Kafka semantics; the session broker is Tansu")
