@@ -1,0 +1,338 @@
+"""The campaign: accepting a request, routing inputs to nodes, filling slots, ending.
+
+`decide(state, input, ctx)` is the whole core: pure, no I/O, no clock, no randomness. The adapter
+feeds it every input of one campaign (events of that campaign id, plus Ticks) with the state it
+persisted, publishes `Decision.commands`, and persists the records the decision names as changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from schemas.envelope import Event, command_id
+from schemas.events import (
+    BusinessMoved,
+    CampaignCompleted,
+    CampaignFailed,
+    CampaignRejected,
+    CampaignStarted,
+    NodeMaintenanceEntered,
+    NodeMaintenanceExited,
+    NodeMaintenanceRefused,
+    NodeStep,
+    NodeUpgradeAccepted,
+    NodeUpgraded,
+    NodeUpgradeFailed,
+    NodeUpgradeProgressed,
+    UpgradeRequested,
+    VmMigrated,
+    VmMigrationFailed,
+)
+
+from . import node_cycle as cycle
+from .commands import envelope, in_flight_commands, listing
+from .state import (
+    CampaignRecord,
+    CampaignState,
+    CampaignStatus,
+    Context,
+    Decision,
+    Input,
+    NodeRecord,
+    Tick,
+)
+from .txn import Txn
+
+# How many refused re-uses of a campaign id are remembered to ignore their redeliveries.
+REFUSED_REQUESTS_KEPT = 16
+
+
+def decide(state: CampaignState | None, event: Input, ctx: Context) -> Decision:
+    """The next state of one campaign and the commands to publish, given one input."""
+    if isinstance(event, UpgradeRequested):
+        return on_upgrade_requested(state, event, ctx)
+    if state is None or state.campaign.status.ended:
+        return Decision(state)
+    if isinstance(event, Event) and event.campaign_id != state.campaign.campaign_id:
+        return Decision(state)
+    txn = Txn(state, ctx, event if isinstance(event, Event) else None)
+    if isinstance(event, Tick):
+        on_tick(txn)
+    else:
+        route(txn, event)
+    advance_campaign(txn)
+    return txn.decision()
+
+
+def recover(state: CampaignState | None, ctx: Context) -> list[Event]:
+    """Every command a node is waiting on, with its original id, to re-publish after a restart."""
+    if state is None:
+        return []
+    commands: list[Event] = []
+    for node_id in state.campaign.active:
+        node = state.nodes.get(node_id)
+        if node is not None:
+            commands.extend(in_flight_commands(state.campaign, node))
+    return commands
+
+
+# --- campaign requests ---------------------------------------------------------------------
+
+
+def on_upgrade_requested(
+    state: CampaignState | None, request: UpgradeRequested, ctx: Context
+) -> Decision:
+    fingerprint = request_fingerprint(request)
+    if state is None:
+        return start_campaign(request, fingerprint, ctx)
+    campaign = state.campaign
+    if request.event_id == campaign.request_id or request.event_id in campaign.refused_requests:
+        return Decision(state)  # a redelivery
+    if (
+        fingerprint == campaign.request_fingerprint
+        and campaign.status is not CampaignStatus.REJECTED
+    ):
+        return Decision(state)  # the same request sent again (e.g. a CLI retry): already under way
+    if fingerprint == campaign.request_fingerprint:
+        reason = (
+            f"campaign id {campaign.campaign_id} was rejected before ({campaign.reason}); "
+            "use a new campaign id"
+        )
+    else:
+        reason = f"campaign id {campaign.campaign_id} is already used by a different request"
+    refused = (*campaign.refused_requests, request.event_id)[-REFUSED_REQUESTS_KEPT:]
+    updated = campaign.model_copy(update={"refused_requests": refused})
+    return Decision(
+        CampaignState(updated, state.nodes),
+        (rejection(request, reason, ctx),),
+        frozenset(),
+        True,
+    )
+
+
+def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) -> Decision:
+    campaign_id = request.campaign_id
+    if campaign_id is None:
+        return Decision(None)  # the schema allows it, but there is no campaign to start
+    nodes, problem = campaign_nodes(request, ctx)
+    if problem:
+        record = CampaignRecord(
+            campaign_id=campaign_id,
+            status=CampaignStatus.REJECTED,
+            request_id=request.event_id,
+            request_fingerprint=fingerprint,
+            correlation_id=request.correlation_id or request.event_id,
+            policy=request.policy,
+            reason=problem,
+        )
+        return Decision(
+            CampaignState(record), (rejection(request, problem, ctx),), frozenset(), True
+        )
+    record = CampaignRecord(
+        campaign_id=campaign_id,
+        status=CampaignStatus.RUNNING,
+        request_id=request.event_id,
+        request_fingerprint=fingerprint,
+        correlation_id=request.correlation_id or request.event_id,
+        manifest=request.manifest,
+        policy=request.policy,
+        node_order=nodes,
+    )
+    started = CampaignStarted(
+        **envelope(record, command_id(campaign_id, "started"), ctx.now, request.event_id),
+        target_version=request.manifest.version,
+        nodes=nodes,
+    )
+    fresh = CampaignState(record, {node_id: NodeRecord(node_id=node_id) for node_id in nodes})
+    txn = Txn(fresh, ctx, request)
+    advance_campaign(txn)
+    first = txn.decision()
+    return Decision(first.state, (started, *first.commands), frozenset(nodes), True)
+
+
+def campaign_nodes(request: UpgradeRequested, ctx: Context) -> tuple[tuple[str, ...], str]:
+    """The campaign's nodes in order, or a reason to reject the request."""
+    if request.nodes is None:
+        nodes = tuple(sorted(ctx.agents))
+        if not nodes:
+            return (), "no node to upgrade: the request names none and no node agent has reported"
+        return nodes, ""
+    if not request.nodes:
+        return (), "the request's node list is empty"
+    unknown = [node_id for node_id in request.nodes if node_id not in ctx.agents]
+    if unknown:
+        return (), f"unknown nodes (no node agent has ever reported): {listing(unknown)}"
+    return request.nodes, ""
+
+
+def request_fingerprint(request: UpgradeRequested) -> str:
+    """What makes two requests the same request, whatever their event ids."""
+    content = {
+        "manifest": request.manifest.model_dump(mode="json"),
+        "nodes": request.nodes,
+        "policy": request.policy.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def rejection(request: UpgradeRequested, reason: str, ctx: Context) -> CampaignRejected:
+    return CampaignRejected(
+        **request.caused(
+            event_id=command_id(request.campaign_id, "rejected", request.event_id),
+            producer="upgrade-manager",
+            occurred_at=ctx.now,
+        ),
+        reason=reason,
+    )
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+def route(txn: Txn, event: Event) -> None:
+    """Hand an event to its node's cycle; events of no known node are ignored."""
+    node_id = _node_of(event)
+    node = txn.node(node_id) if node_id is not None else None
+    if node is None:
+        return
+    match event:
+        case NodeMaintenanceEntered():
+            cycle.on_maintenance_entered(txn, node, event)
+        case NodeMaintenanceRefused():
+            cycle.on_maintenance_refused(txn, node, event)
+        case BusinessMoved():
+            cycle.on_business_moved(txn, node, event)
+        case VmMigrated():
+            cycle.on_vm_migrated(txn, node, event.vm_id)
+        case VmMigrationFailed():
+            cycle.on_vm_migration_failed(txn, node, event)
+        case NodeUpgradeAccepted():
+            cycle.on_upgrade_accepted(txn, node)
+        case NodeUpgradeProgressed():
+            cycle.on_upgrade_progressed(txn, node, event)
+        case NodeUpgraded():
+            cycle.on_upgraded(txn, node, event)
+        case NodeUpgradeFailed():
+            cycle.on_upgrade_failed(txn, node, event)
+        case NodeMaintenanceExited():
+            cycle.on_maintenance_exited(txn, node)
+        case _:
+            pass  # our own progress events, or events of other services: nothing to do
+
+
+def _node_of(event: Event) -> str | None:
+    node_id = getattr(event, "node_id", None)
+    return node_id if isinstance(node_id, str) else None
+
+
+def on_tick(txn: Txn) -> None:
+    now = txn.ctx.now
+    for node_id in txn.campaign.active:  # a snapshot: finishing nodes leave `active`
+        node = txn.node(node_id)
+        if node is None or not node.in_cycle:
+            continue
+        deadline = node.deadline
+        if deadline is not None and deadline <= now:
+            cycle.on_deadline(txn, node)
+
+
+# --- slots and the end ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to do with the PENDING nodes looked at, in campaign order."""
+
+    start: tuple[str, ...] = ()
+    already_at_target: tuple[str, ...] = ()
+    no_heartbeat: tuple[str, ...] = ()
+    scan_from: int = 0
+
+
+def select_next(
+    campaign: CampaignRecord, nodes: Mapping[str, NodeRecord], ctx: Context
+) -> Selection:
+    """Which nodes start now: the next PENDING ones in campaign order whose agent is live.
+
+    Kept apart so that smarter planning (VNF anti-affinity, capacity) can replace it. A node whose
+    agent is not live is passed over, never drained: it may hold VMs the VIM cannot upgrade under.
+    """
+    order = campaign.node_order
+    scan_from = campaign.scan_from
+    while scan_from < len(order) and nodes[order[scan_from]].step is not NodeStep.PENDING:
+        scan_from += 1
+    slots = campaign.policy.max_parallel - len(campaign.active)
+    start: list[str] = []
+    at_target: list[str] = []
+    no_heartbeat: list[str] = []
+    for node_id in islice(order, scan_from, None):
+        if slots <= 0:
+            break
+        if nodes[node_id].step is not NodeStep.PENDING:
+            continue
+        agent = ctx.agents.get(node_id)
+        if agent is None or not agent.is_live(ctx.now, campaign.policy.agent_liveness_s):
+            no_heartbeat.append(node_id)
+        elif agent.installed_version == campaign.target_version:
+            at_target.append(node_id)
+        else:
+            start.append(node_id)
+            slots -= 1
+    return Selection(tuple(start), tuple(at_target), tuple(no_heartbeat), scan_from)
+
+
+def fill_slots(txn: Txn) -> None:
+    campaign = txn.campaign
+    if len(campaign.active) >= campaign.policy.max_parallel:
+        return
+    selection = select_next(campaign, txn.nodes, txn.ctx)
+    txn.update_campaign(scan_from=selection.scan_from)
+    for node_id in selection.no_heartbeat:
+        cycle.mark_blocked(txn, _node(txn, node_id), cycle.NO_HEARTBEAT)
+    for node_id in selection.already_at_target:
+        cycle.mark_already_at_target(txn, _node(txn, node_id))
+    for node_id in selection.start:
+        cycle.start_claim(txn, _node(txn, node_id))
+
+
+def advance_campaign(txn: Txn) -> None:
+    campaign = txn.campaign
+    if campaign.status is CampaignStatus.RUNNING:
+        fill_slots(txn)
+        campaign = txn.campaign
+        if campaign.finished == len(campaign.node_order):
+            txn.update_campaign(status=CampaignStatus.COMPLETED)
+            txn.emit(
+                CampaignCompleted(
+                    **_campaign_envelope(txn, "completed"),
+                    upgraded=campaign.done,
+                    skipped=campaign.skipped,
+                    failed=campaign.failed,
+                )
+            )
+    elif campaign.status is CampaignStatus.ABORTING and not campaign.active:
+        txn.update_campaign(status=CampaignStatus.FAILED)
+        txn.emit(
+            CampaignFailed(
+                **_campaign_envelope(txn, "failed"),
+                reason=campaign.reason,
+                upgraded=campaign.done,
+                failed=campaign.failed,
+            )
+        )
+
+
+def _campaign_envelope(txn: Txn, what: str) -> dict[str, Any]:
+    event_id = command_id(txn.campaign.campaign_id, what)
+    return envelope(txn.campaign, event_id, txn.ctx.now, txn.cause_id)
+
+
+def _node(txn: Txn, node_id: str) -> NodeRecord:
+    node = txn.node(node_id)
+    assert node is not None, "selection only names nodes of the campaign"
+    return node

@@ -1,0 +1,420 @@
+"""The cycle of one node: claim, notify, migrate, upgrade, release.
+
+Each handler acts only when the input fits the node's current step; anything else (a duplicate, a
+late reply to an attempt that was already re-sent, an event for a finished node) is ignored, which
+is what makes redelivery harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+
+from schemas.envelope import command_id
+from schemas.events import (
+    BusinessMoved,
+    NodeAvailable,
+    NodeMaintenanceEntered,
+    NodeMaintenanceRefused,
+    NodeStep,
+    NodeUpgraded,
+    NodeUpgradeFailed,
+    NodeUpgradeProgressed,
+    VmMigrationFailed,
+)
+from schemas.types import VmBusinessOutcome, VmOnNode, VnfmTimeoutPolicy
+
+from .commands import (
+    AVAILABLE,
+    clock,
+    envelope,
+    in_flight_commands,
+    listing,
+    migrate_command,
+    migration_command_id,
+    step_command_id,
+    vms_to_notify,
+)
+from .state import CampaignStatus, NodeRecord, PendingMigration, Sent
+from .txn import Txn
+
+# How long after the VNFM deadline the manager waits for the adapter's BusinessMoved before it
+# acts as if every VNFM had timed out. The adapter owns the real deadline and answers at it; this
+# backstop only covers an adapter that is down or lost the request. 30 s covers a consumer
+# restart or a group rebalance; waiting longer only delays a node whose fallback (migrating every
+# VM) is always safe.
+BACKSTOP_GRACE = timedelta(seconds=30)
+
+NO_HEARTBEAT = "no live heartbeat from node agent"
+
+# The detail of a re-sent step, given the new attempt.
+_Describe = Callable[[Sent], str]
+
+
+# --- PENDING -------------------------------------------------------------------------------
+
+
+def start_claim(txn: Txn, node: NodeRecord) -> None:
+    sent = txn.sent(txn.policy.step_timeout_s)
+    node = txn.enter(node, NodeStep.CLAIMING, _claim_detail(sent), sent=sent)
+    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.update_campaign(active=(*txn.campaign.active, node.node_id))
+
+
+def mark_blocked(txn: Txn, node: NodeRecord, detail: str) -> None:
+    """A PENDING node that cannot start; reported once per reason, not on every Tick."""
+    if node.detail != detail:
+        txn.progress(txn.save(node.model_copy(update={"detail": detail})))
+
+
+def mark_already_at_target(txn: Txn, node: NodeRecord) -> None:
+    finish(txn, node, NodeStep.DONE, f"already at {txn.campaign.target_version}")
+
+
+# --- CLAIMING ------------------------------------------------------------------------------
+
+
+def on_maintenance_entered(txn: Txn, node: NodeRecord, event: NodeMaintenanceEntered) -> None:
+    if node.step is not NodeStep.CLAIMING:
+        return
+    # A migration that was under way toward the node lands on it: it is one of its VMs.
+    vms = tuple({vm.vm_id: vm for vm in event.vms}.values())
+    begin_notify(txn, node.model_copy(update={"vms": vms, "sent": None}))
+
+
+def on_maintenance_refused(txn: Txn, node: NodeRecord, event: NodeMaintenanceRefused) -> None:
+    if node.step is not NodeStep.CLAIMING:
+        return
+    if event.current_holder == txn.campaign.campaign_id:
+        # Our own claim answered a re-sent one: the node is ours; its Entered is the answer.
+        return
+    held = f" (held by {event.current_holder})" if event.current_holder else ""
+    finish(txn, node, NodeStep.SKIPPED, f"maintenance refused: {event.reason}{held}")
+
+
+# --- NOTIFYING -----------------------------------------------------------------------------
+
+
+def begin_notify(txn: Txn, node: NodeRecord) -> None:
+    refs = vms_to_notify(node)
+    if not refs:
+        node = txn.enter(
+            node, NodeStep.NOTIFYING, "nothing to notify: no VM on the node belongs to a VNF"
+        )
+        begin_migrations(txn, node, _vm_ids(node.vms or ()))
+        return
+    now = txn.ctx.now
+    vnfm_deadline = now + timedelta(seconds=txn.policy.vnfm_timeout_s)
+    sent = Sent(at=now, cause=txn.cause_id, deadline=vnfm_deadline + BACKSTOP_GRACE)
+    detail = (
+        f"waiting for the VNFMs of {listing(node.vnf_ids)} to move the business of "
+        f"{len(refs)} VM(s) until {clock(vnfm_deadline)}"
+    )
+    node = txn.enter(node, NodeStep.NOTIFYING, detail, sent=sent, vnfm_deadline=vnfm_deadline)
+    txn.emit(*in_flight_commands(txn.campaign, node))
+
+
+def on_business_moved(txn: Txn, node: NodeRecord, event: BusinessMoved) -> None:
+    business_moved(txn, node, event.outcomes, timed_out=event.timed_out)
+
+
+def on_backstop(txn: Txn, node: NodeRecord) -> None:
+    # Acts as if every VM were left_for_vim: migrating them is always safe.
+    business_moved(txn, node, (), timed_out=True)
+
+
+def business_moved(
+    txn: Txn, node: NodeRecord, outcomes: Iterable[VmBusinessOutcome], *, timed_out: bool
+) -> None:
+    if node.step is not NodeStep.NOTIFYING:
+        return
+    policy = txn.policy
+    if timed_out and policy.on_vnfm_timeout is VnfmTimeoutPolicy.SKIP_NODE:
+        release(
+            txn,
+            node,
+            NodeStep.SKIPPED,
+            "a VNFM did not answer before the deadline; node skipped (policy skip-node)",
+        )
+        return
+    if timed_out and policy.on_vnfm_timeout is VnfmTimeoutPolicy.ABORT:
+        reason = f"a VNFM did not answer before the deadline for {node.node_id} (policy abort)"
+        release(txn, node, NodeStep.SKIPPED, f"campaign aborted: {reason}")
+        abort_campaign(txn, reason)
+        return
+    asked = {ref.vm_id for ref in vms_to_notify(node)}
+    moved = {o.vm_id for o in outcomes if o.vm_id in asked and o.outcome.business_moved}
+    # Left for the VIM: outcome left_for_vim, no answer for the VM, or no VNF to ask at all.
+    # VMs whose business moved stay on the node through its upgrade, unless policy says otherwise.
+    to_migrate = [
+        vm.vm_id for vm in node.vms or () if policy.migrate_moved_vms or vm.vm_id not in moved
+    ]
+    begin_migrations(txn, node, to_migrate, " (VNFM timed out)" if timed_out else "")
+
+
+# --- MIGRATING -----------------------------------------------------------------------------
+
+
+def begin_migrations(txn: Txn, node: NodeRecord, vm_ids: list[str], note: str = "") -> None:
+    if not vm_ids:
+        node = txn.enter(node, NodeStep.MIGRATING, f"nothing to migrate{note}", sent=None)
+        begin_upgrade(txn, node)
+        return
+    sent = txn.sent(txn.policy.step_timeout_s)
+    migrations = tuple(PendingMigration(vm_id=vm_id, sent=sent) for vm_id in vm_ids)
+    detail = _migrating_detail(migrations) + note
+    node = txn.enter(node, NodeStep.MIGRATING, detail, sent=None, migrations=migrations)
+    txn.emit(*in_flight_commands(txn.campaign, node))
+
+
+def on_vm_migrated(txn: Txn, node: NodeRecord, vm_id: str) -> None:
+    if node.step is not NodeStep.MIGRATING:
+        return
+    remaining = tuple(m for m in node.migrations if m.vm_id != vm_id)
+    if len(remaining) == len(node.migrations):
+        return  # unknown VM, or a duplicate of a confirmation already counted
+    node = node.model_copy(update={"migrations": remaining})
+    if remaining:
+        txn.save(node.model_copy(update={"detail": _migrating_detail(remaining)}))
+    else:
+        begin_upgrade(txn, node)
+
+
+def on_vm_migration_failed(txn: Txn, node: NodeRecord, event: VmMigrationFailed) -> None:
+    if node.step is not NodeStep.MIGRATING:
+        return
+    pending = _pending(node, event.vm_id)
+    # Only the answer to the attempt in flight counts; an older attempt's failure is stale.
+    if pending is None or event.causation_id != migration_command_id(
+        txn.campaign, node.node_id, pending
+    ):
+        return
+    retry_migration(txn, node, pending, f"VM {event.vm_id} could not be migrated: {event.reason}")
+
+
+def retry_migration(txn: Txn, node: NodeRecord, pending: PendingMigration, why: str) -> NodeRecord:
+    """Re-request one VM's migration, or give the node up once attempts are exhausted."""
+    attempt = pending.sent.attempt
+    if attempt >= txn.policy.max_step_attempts:
+        # The node cannot be emptied: leave it untouched rather than upgrade it with VMs on it.
+        return release(
+            txn, node, NodeStep.FAILED, f"{why} (after {attempt} attempt(s)); node not upgraded"
+        )
+    retry = PendingMigration(
+        vm_id=pending.vm_id, sent=txn.sent(txn.policy.step_timeout_s, attempt + 1)
+    )
+    migrations = tuple(retry if m.vm_id == pending.vm_id else m for m in node.migrations)
+    detail = f"{_migrating_detail(migrations)}; retrying {pending.vm_id} (attempt {attempt + 1})"
+    node = txn.save(node.model_copy(update={"migrations": migrations, "detail": detail}))
+    txn.emit(migrate_command(txn.campaign, node.node_id, retry))
+    return node
+
+
+# --- UPGRADING -----------------------------------------------------------------------------
+
+
+def begin_upgrade(txn: Txn, node: NodeRecord) -> None:
+    sent = txn.sent(txn.policy.upgrade_timeout_s)
+    node = txn.enter(
+        node, NodeStep.UPGRADING, _upgrade_detail(txn, sent), sent=sent, upgrade_percent=None
+    )
+    txn.emit(*in_flight_commands(txn.campaign, node))
+
+
+def on_upgrade_accepted(txn: Txn, node: NodeRecord) -> None:
+    if node.step is not NodeStep.UPGRADING or node.upgrade_percent is not None:
+        return  # a late or duplicate acceptance must not hide progress already reported
+    detail = f"node agent accepted the upgrade to {txn.campaign.target_version}"
+    txn.save(node.model_copy(update={"detail": detail, "upgrade_percent": 0.0}))
+
+
+def on_upgrade_progressed(txn: Txn, node: NodeRecord, event: NodeUpgradeProgressed) -> None:
+    if node.step is not NodeStep.UPGRADING:
+        return
+    if node.upgrade_percent is not None and event.percent <= node.upgrade_percent:
+        return  # progress shown never goes backwards, whatever the delivery order
+    detail = f"upgrading to {txn.campaign.target_version}: {event.phase} ({event.percent:.0f}%)"
+    txn.save(node.model_copy(update={"detail": detail, "upgrade_percent": event.percent}))
+
+
+def on_upgraded(txn: Txn, node: NodeRecord, event: NodeUpgraded) -> None:
+    # A success from any attempt is a fact; a different version is not the success we wait for.
+    if node.step is not NodeStep.UPGRADING or event.version != txn.campaign.target_version:
+        return
+    release(txn, node, NodeStep.DONE, f"upgraded to {event.version}")
+
+
+def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> None:
+    if node.step is not NodeStep.UPGRADING or node.sent is None:
+        return
+    current = step_command_id(txn.campaign, node.node_id, NodeStep.UPGRADING, node.sent.attempt)
+    if event.causation_id != current:
+        return  # the failure of an attempt that was already re-sent
+    finish(
+        txn,
+        node,
+        NodeStep.FAILED,
+        f"upgrade to {txn.campaign.target_version} failed in {event.phase}: {event.reason}; "
+        + QUARANTINED,
+    )
+
+
+QUARANTINED = "node kept in maintenance (quarantined) so that it takes no VMs"
+
+
+# --- RELEASING -----------------------------------------------------------------------------
+
+
+def release(txn: Txn, node: NodeRecord, outcome: NodeStep, reason: str) -> NodeRecord:
+    """Take the node out of maintenance; it ends as `outcome` once the exit is confirmed."""
+    sent = txn.sent(txn.policy.step_timeout_s)
+    node = txn.enter(
+        node,
+        NodeStep.RELEASING,
+        f"leaving maintenance: {reason}",
+        sent=sent,
+        migrations=(),
+        outcome=outcome,
+        outcome_detail=reason,
+    )
+    txn.emit(*in_flight_commands(txn.campaign, node))
+    return node
+
+
+def on_maintenance_exited(txn: Txn, node: NodeRecord) -> None:
+    if node.step is not NodeStep.RELEASING:
+        return
+    if node.vms is not None:
+        # The VNFMs saw the node go into maintenance (and were notified if they had VMs on it):
+        # tell them it is back, whatever the outcome, so that they may use it again.
+        event_id = command_id(txn.campaign.campaign_id, node.node_id, AVAILABLE, 1)
+        txn.emit(
+            NodeAvailable(
+                **envelope(txn.campaign, event_id, txn.ctx.now, txn.cause_id),
+                node_id=node.node_id,
+                vnf_ids=node.vnf_ids,
+            )
+        )
+    outcome = node.outcome or NodeStep.DONE
+    detail = node.outcome_detail
+    if outcome is NodeStep.DONE:
+        detail = f"{detail}; back in service"
+    finish(txn, node, outcome, detail)
+
+
+# --- deadlines -----------------------------------------------------------------------------
+
+
+def on_deadline(txn: Txn, node: NodeRecord) -> None:
+    """A Tick found the node's deadline passed: re-send with attempt+1, or fail safely."""
+    now = txn.ctx.now
+    policy = txn.policy
+    match node.step:
+        case NodeStep.MIGRATING:
+            for pending in node.migrations:
+                if pending.sent.deadline <= now:
+                    why = f"no answer to the migration of {pending.vm_id}"
+                    node = retry_migration(txn, node, pending, why)
+                    if node.step is not NodeStep.MIGRATING:
+                        return
+        case NodeStep.NOTIFYING:
+            on_backstop(txn, node)
+        case NodeStep.CLAIMING if not _exhausted(txn, node):
+            _resend(txn, node, policy.step_timeout_s, _claim_detail)
+        case NodeStep.CLAIMING:
+            # The claim may have taken effect unseen; the release is holder-checked, so harmless.
+            release(txn, node, NodeStep.FAILED, f"maintenance not confirmed {_after(node)}")
+        case NodeStep.UPGRADING if not _exhausted(txn, node):
+            _resend(txn, node, policy.upgrade_timeout_s, lambda sent: _upgrade_detail(txn, sent))
+        case NodeStep.UPGRADING:
+            finish(txn, node, NodeStep.FAILED, f"no upgrade result {_after(node)}; {QUARANTINED}")
+        case NodeStep.RELEASING if not _exhausted(txn, node):
+            _resend(txn, node, policy.step_timeout_s, lambda sent: _release_detail(node, sent))
+        case NodeStep.RELEASING:
+            finish(
+                txn,
+                node,
+                NodeStep.FAILED,
+                f"maintenance exit not confirmed {_after(node)}; the node may still be in "
+                f"maintenance ({node.outcome_detail})",
+            )
+        case _:
+            pass
+
+
+def _exhausted(txn: Txn, node: NodeRecord) -> bool:
+    return node.sent is not None and node.sent.attempt >= txn.policy.max_step_attempts
+
+
+def _after(node: NodeRecord) -> str:
+    attempts = node.sent.attempt if node.sent is not None else 0
+    return f"after {attempts} attempt(s)"
+
+
+def _resend(txn: Txn, node: NodeRecord, timeout_s: float, describe: _Describe) -> None:
+    attempt = node.sent.attempt + 1 if node.sent is not None else 1
+    sent = txn.sent(timeout_s, attempt)
+    update: dict[str, object] = {"sent": sent, "detail": describe(sent)}
+    if node.step is NodeStep.UPGRADING:
+        update["upgrade_percent"] = None  # a new attempt reports its progress from zero
+    node = txn.save(node.model_copy(update=update))
+    txn.emit(*in_flight_commands(txn.campaign, node))
+
+
+# --- the end of a cycle, and of the campaign's unstarted nodes -----------------------------
+
+
+def finish(txn: Txn, node: NodeRecord, step: NodeStep, detail: str) -> None:
+    txn.enter(node, step, detail, sent=None, migrations=(), outcome=None, upgrade_percent=None)
+    campaign = txn.campaign
+    counter = {NodeStep.DONE: "done", NodeStep.SKIPPED: "skipped", NodeStep.FAILED: "failed"}[step]
+    txn.update_campaign(
+        active=tuple(n for n in campaign.active if n != node.node_id),
+        **{counter: getattr(campaign, counter) + 1},
+    )
+
+
+def abort_campaign(txn: Txn, reason: str) -> None:
+    """No node starts any more; nodes not yet upgrading are released untouched."""
+    if txn.campaign.status is not CampaignStatus.RUNNING:
+        return
+    txn.update_campaign(status=CampaignStatus.ABORTING, reason=reason)
+    for node_id in txn.campaign.active:
+        node = txn.node(node_id)
+        if node is not None and node.step in _RELEASED_ON_ABORT:
+            release(txn, node, NodeStep.SKIPPED, f"campaign aborted before the upgrade: {reason}")
+
+
+# Nodes past these steps are upgrading or leaving maintenance already: they finish normally.
+_RELEASED_ON_ABORT = frozenset({NodeStep.CLAIMING, NodeStep.NOTIFYING, NodeStep.MIGRATING})
+
+
+# --- details -------------------------------------------------------------------------------
+
+
+def _claim_detail(sent: Sent) -> str:
+    return f"waiting for maintenance mode (attempt {sent.attempt}) until {clock(sent.deadline)}"
+
+
+def _upgrade_detail(txn: Txn, sent: Sent) -> str:
+    return (
+        f"waiting for the node agent to install {txn.campaign.target_version} "
+        f"(attempt {sent.attempt}) until {clock(sent.deadline)}"
+    )
+
+
+def _release_detail(node: NodeRecord, sent: Sent) -> str:
+    return f"leaving maintenance (attempt {sent.attempt}): {node.outcome_detail}"
+
+
+def _migrating_detail(migrations: tuple[PendingMigration, ...]) -> str:
+    ids = [m.vm_id for m in migrations]
+    return f"waiting for {len(ids)} VM migration(s): {listing(ids)}"
+
+
+def _pending(node: NodeRecord, vm_id: str) -> PendingMigration | None:
+    return next((m for m in node.migrations if m.vm_id == vm_id), None)
+
+
+def _vm_ids(vms: Iterable[VmOnNode]) -> list[str]:
+    return [vm.vm_id for vm in vms]

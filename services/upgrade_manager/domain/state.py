@@ -1,0 +1,180 @@
+"""What the decision core reads and returns: the persisted records, the context, the decision.
+
+The adapter persists one `NodeRecord` per node and one `CampaignRecord` per campaign, so that no
+single record grows with the campaign's VMs (Kafka refuses messages above 1 MB). Records are frozen
+pydantic models; a record a decision did not change is returned as the very same object, and the
+`Decision` names what changed so that only that is written back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from pydantic import AwareDatetime, Field
+
+from schemas.envelope import Event
+from schemas.events import CampaignPolicy, NodeAgentHeartbeat, NodeStep
+from schemas.types import CampaignId, NodeId, ValueModel, VersionManifest, VmId, VmOnNode
+
+# Steps in which a node holds one of the campaign's `max_parallel` slots.
+IN_CYCLE_STEPS = frozenset(
+    {
+        NodeStep.CLAIMING,
+        NodeStep.NOTIFYING,
+        NodeStep.MIGRATING,
+        NodeStep.UPGRADING,
+        NodeStep.RELEASING,
+    }
+)
+
+
+class CampaignStatus(StrEnum):
+    RUNNING = "running"
+    # A node's VNFM timed out under policy `abort`: no node starts any more, unstarted nodes are
+    # released, and the campaign fails once no node is left in its cycle.
+    ABORTING = "aborting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+    @property
+    def ended(self) -> bool:
+        return self in (CampaignStatus.COMPLETED, CampaignStatus.FAILED, CampaignStatus.REJECTED)
+
+
+class Sent(ValueModel):
+    """The command a waiting step has in flight: enough to rebuild it identically."""
+
+    attempt: int = Field(default=1, ge=1)
+    at: AwareDatetime = Field(description="occurred_at of the command.")
+    cause: uuid.UUID | None = Field(default=None, description="causation_id of the command.")
+    deadline: AwareDatetime = Field(description="When the step is re-sent or given up.")
+
+
+class PendingMigration(ValueModel):
+    """A VM of the node whose migration is requested and not yet confirmed."""
+
+    vm_id: VmId
+    sent: Sent
+
+
+class NodeRecord(ValueModel):
+    """One node's place in its upgrade cycle."""
+
+    node_id: NodeId
+    step: NodeStep = NodeStep.PENDING
+    detail: str = ""
+    # The in-flight command of CLAIMING, NOTIFYING, UPGRADING or RELEASING (MIGRATING keeps one
+    # per VM in `migrations`). For NOTIFYING its deadline is the backstop, not the VNFM deadline.
+    sent: Sent | None = None
+    # The VMs reported when maintenance took effect (None until then), incoming ones included.
+    vms: tuple[VmOnNode, ...] | None = None
+    # The deadline given to the VNFM adapter, kept to rebuild the request identically.
+    vnfm_deadline: AwareDatetime | None = None
+    migrations: tuple[PendingMigration, ...] = ()
+    upgrade_percent: float | None = None
+    # What the node becomes once maintenance is released: DONE, SKIPPED or FAILED.
+    outcome: NodeStep | None = None
+    outcome_detail: str = ""
+
+    @property
+    def in_cycle(self) -> bool:
+        return self.step in IN_CYCLE_STEPS
+
+    @property
+    def deadline(self) -> datetime | None:
+        """The earliest moment a Tick has something to do for this node."""
+        deadlines = [m.sent.deadline for m in self.migrations]
+        if self.sent is not None:
+            deadlines.append(self.sent.deadline)
+        return min(deadlines, default=None)
+
+    @property
+    def vnf_ids(self) -> tuple[str, ...]:
+        """VNFs with a VM on the node, in first-seen order."""
+        return tuple(dict.fromkeys(vm.vnf_id for vm in self.vms or () if vm.vnf_id is not None))
+
+
+class CampaignRecord(ValueModel):
+    """A campaign's request, status and counters; node details live in the node records."""
+
+    campaign_id: CampaignId
+    status: CampaignStatus
+    request_id: uuid.UUID = Field(description="event_id of the accepted (or rejected) request.")
+    request_fingerprint: str = Field(description="Digest of manifest, nodes and policy.")
+    correlation_id: uuid.UUID
+    manifest: VersionManifest | None = None
+    policy: CampaignPolicy = Field(default_factory=CampaignPolicy)
+    node_order: tuple[NodeId, ...] = ()
+    # Nodes holding a slot, in the order they were selected; Ticks only look at these.
+    active: tuple[NodeId, ...] = ()
+    # Index in node_order before which no node is PENDING any more (selection starts there).
+    scan_from: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    reason: str = ""
+    # Later requests refused for reusing this campaign id (bounded), so redeliveries are ignored.
+    refused_requests: tuple[uuid.UUID, ...] = ()
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.skipped + self.failed
+
+    @property
+    def target_version(self) -> str:
+        return self.manifest.version if self.manifest is not None else ""
+
+
+@dataclass(frozen=True)
+class CampaignState:
+    """A campaign as the core sees it: its record plus one record per node."""
+
+    campaign: CampaignRecord
+    nodes: Mapping[str, NodeRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """What the latest heartbeat of a node agent says."""
+
+    last_seen: datetime
+    installed_version: str
+    interval_s: float
+
+    @classmethod
+    def from_heartbeat(cls, heartbeat: NodeAgentHeartbeat) -> AgentStatus:
+        return cls(heartbeat.occurred_at, heartbeat.installed_version, heartbeat.interval_s)
+
+    def is_live(self, now: datetime, liveness_s: float) -> bool:
+        return now - self.last_seen <= timedelta(seconds=liveness_s)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything outside the campaign that a decision may read; the core reads no clock."""
+
+    now: datetime
+    agents: Mapping[str, AgentStatus] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: check deadlines and free slots (the time itself is `Context.now`)."""
+
+
+Input = Event | Tick
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The next state, the commands to publish, and which records to persist."""
+
+    state: CampaignState | None
+    commands: tuple[Event, ...] = ()
+    changed_nodes: frozenset[str] = frozenset()
+    campaign_changed: bool = False
