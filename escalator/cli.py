@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from escalator.settings import KafkaSettings
-from schemas.events import CampaignPolicy, UpgradeRequested, VnfProfile
+from escalator.status import STEP_ORDER, CampaignBoard, CampaignView
+from schemas.events import CampaignPolicy, NodeStep, UpgradeRequested, VnfProfile
 from schemas.types import ArtifactFile, VersionManifest, VnfmTimeoutPolicy
 
 app = typer.Typer(
@@ -224,6 +225,176 @@ def upgrade_start(
     out.print(request.campaign_id, markup=False, highlight=False)
 
 
+# --- status and watch -------------------------------------------------------------------------
+
+
+async def read_board(settings: KafkaSettings) -> CampaignBoard:
+    from escalator.bus.readback import scan
+    from schemas.codec import decode
+    from schemas.envelope import Event
+    from schemas.topics import CAMPAIGNS
+
+    board = CampaignBoard()
+    async for record in scan(settings, CAMPAIGNS):
+        event = decode(record.value)
+        if isinstance(event, Event):
+            board.apply(event)
+    return board
+
+
+def campaign_table(view: CampaignView) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        title=f"{view.campaign_id}: {view.state} (target {view.target_version or '?'})",
+        title_justify="left",
+    )
+    for column in ("node", "step", "since", "detail"):
+        table.add_column(column)
+    for node in view.nodes.values():
+        since = node.since.strftime("%H:%M:%S") if node.since else ""
+        table.add_row(node.node_id, node.step.value, since, node.detail)
+    return table
+
+
+def campaigns_table(board: CampaignBoard) -> Any:
+    from rich.table import Table
+
+    table = Table(
+        "campaign", "state", "version", "upgraded", "skipped", "failed", "total", "started"
+    )
+    for view in board.campaigns.values():
+        counts = view.to_json()["nodes"]
+        started = view.started_at.strftime("%Y-%m-%d %H:%M:%S") if view.started_at else ""
+        table.add_row(
+            view.campaign_id,
+            view.state,
+            view.target_version,
+            str(counts["upgraded"]),
+            str(counts["skipped"]),
+            str(counts["failed"]),
+            str(counts["total"]),
+            started,
+        )
+    return table
+
+
+@app.command()
+def status(
+    campaign_id: Annotated[
+        str | None, typer.Argument(help="Campaign id; all when omitted.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show campaigns, or one campaign node by node with what each node waits for."""
+    try:
+        board = asyncio.run(read_board(kafka_settings()))
+    except Exception as exc:
+        fail(f"could not read the campaigns topic: {exc}", code=1)
+    if campaign_id is not None and campaign_id not in board.campaigns:
+        fail(f"no campaign {campaign_id!r} on the bus")
+    if as_json:
+        views = [board.campaigns[campaign_id]] if campaign_id else list(board.campaigns.values())
+        payload: Any = views[0].to_json() if campaign_id else [v.to_json() for v in views]
+        out.print_json(json.dumps(payload))
+    elif campaign_id:
+        view = board.campaigns[campaign_id]
+        out.print(campaign_table(view))
+        if view.reason:
+            out.print(f"reason: {view.reason}", markup=False)
+    else:
+        out.print(campaigns_table(board))
+
+
+async def watch_campaign(
+    settings: KafkaSettings, campaign_id: str, console: Console, *, timeout_s: float | None = None
+) -> CampaignView:
+    """Follow the campaigns topic with live progress bars until the campaign ends."""
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from escalator.bus.readback import scan
+    from schemas.codec import decode
+    from schemas.envelope import Event
+    from schemas.topics import CAMPAIGNS
+
+    board = CampaignBoard()
+    progress = Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}", markup=False),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    overall = progress.add_task(campaign_id, total=None, detail="waiting for the Upgrade Manager")
+    node_tasks: dict[str, Any] = {}
+    loop = asyncio.get_running_loop()
+    give_up = None if timeout_s is None else loop.time() + timeout_s
+
+    def render(view: CampaignView) -> None:
+        counts = view.to_json()["nodes"]
+        done = counts["upgraded"] + counts["skipped"] + counts["failed"]
+        progress.update(
+            overall,
+            total=counts["total"] or None,
+            completed=done,
+            detail=f"{view.state}: {counts['upgraded']} upgraded, {counts['skipped']} skipped, "
+            f"{counts['failed']} failed",
+        )
+        for node in view.nodes.values():
+            task = node_tasks.get(node.node_id)
+            active = not node.step.finished and node.step is not NodeStep.PENDING
+            if task is None and active:
+                task = node_tasks[node.node_id] = progress.add_task(
+                    f"  {node.node_id}", total=len(STEP_ORDER) - 1, detail=""
+                )
+            if task is not None:
+                steps_done = (
+                    len(STEP_ORDER) - 1 if node.step.finished else STEP_ORDER.index(node.step)
+                )
+                progress.update(
+                    task,
+                    completed=steps_done,
+                    detail=f"{node.step.value}: {node.detail}"[:70],
+                    visible=not node.step.finished,
+                )
+
+    with Live(progress, console=console, refresh_per_second=8, transient=False):
+        async for record in scan(settings, CAMPAIGNS, follow=True):
+            if record.key != campaign_id.encode():
+                continue
+            event = decode(record.value)
+            if not isinstance(event, Event):
+                continue
+            board.apply(event)
+            view = board.view(campaign_id)
+            render(view)
+            if view.finished:
+                break
+            if give_up is not None and loop.time() > give_up:
+                raise TimeoutError(f"campaign {campaign_id} still {view.state} after {timeout_s}s")
+    return board.view(campaign_id)
+
+
+@app.command()
+def watch(
+    campaign_id: Annotated[str, typer.Argument(help="Campaign id.")],
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", min=0.1, help="Give up after S seconds.")
+    ] = None,
+) -> None:
+    """Live progress of one campaign, read from the bus, until it ends (exit 1 unless completed)."""
+    try:
+        view = asyncio.run(watch_campaign(kafka_settings(), campaign_id, out, timeout_s=timeout))
+    except TimeoutError as exc:
+        fail(str(exc), code=1)
+    except Exception as exc:
+        fail(f"could not follow the campaigns topic: {exc}", code=1)
+    out.print(campaign_table(view))
+    raise typer.Exit(0 if view.state == "completed" else 1)
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 
@@ -296,6 +467,49 @@ def registry_list(
             str(p.max_unavailable),
         )
     out.print(table)
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option("--nodes", min=2, max=500, help="Compute nodes.")] = 12,
+    domains: Annotated[int, typer.Option("--domains", min=1, max=50, help="Failure domains.")] = 3,
+    speed: Annotated[
+        float,
+        typer.Option("--speed", min=0.1, max=1000, help="Simulated time runs this much faster."),
+    ] = 4.0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the simulated cloud.")] = 0,
+    max_parallel: Annotated[int, typer.Option("--max-parallel", min=1, max=500)] = 1,
+    vnfm_timeout: Annotated[float, typer.Option("--vnfm-timeout", min=0.1)] = 20.0,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Where to write the JSON report.")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Give up after S seconds.")
+    ] = 900,
+) -> None:
+    """Upgrade a simulated cloud end to end: broker, world and every service as processes."""
+    from escalator.demo import DemoOptions, run, summary_table
+
+    options = DemoOptions(
+        nodes=nodes,
+        domains=domains,
+        seed=seed,
+        speed=speed,
+        max_parallel=max_parallel,
+        vnfm_timeout_s=vnfm_timeout,
+        timeout_s=timeout,
+    )
+    options.report = report or options.run_dir / "report.json"
+    try:
+        result = run(options, out)
+    except Exception as exc:
+        fail(f"demo failed: {exc}", code=1)
+    out.print(summary_table(result))
+    out.print(f"report: {options.report}", markup=False)
+    raise typer.Exit(0 if result["state"] == "completed" else 1)
 
 
 # --- processes --------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from escalator.bus.consumer import (
 )
 from escalator.bus.partitioning import assign_own_partition, partition_for_key, topic_partitions
 from escalator.bus.publisher import DeadLetterSink, EventPublisher, ProducerPort, event_headers
-from escalator.bus.readback import read_to_high_watermark
+from escalator.bus.readback import read_to_high_watermark, scan
 
 __all__ = [
     "HANDLER_ERROR",
@@ -56,6 +56,7 @@ __all__ = [
     "make_producer",
     "partition_for_key",
     "read_to_high_watermark",
+    "scan",
     "topic_configs",
     "topic_partitions",
 ]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from escalator.bus.connection import make_consumer
 from escalator.bus.partitioning import topic_partitions
@@ -21,9 +21,54 @@ from schemas.codec import InvalidEvent, decode
 from schemas.envelope import Event
 from schemas.topics import TopicSpec
 
-__all__ = ["read_to_high_watermark"]
+__all__ = ["read_to_high_watermark", "scan"]
 
 log = logging.getLogger(__name__)
+
+
+async def scan(
+    settings: KafkaSettings,
+    topic: str | TopicSpec,
+    *,
+    follow: bool = False,
+    timeout_s: float = 30.0,
+) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic` from the beginning, in per-partition order, without a group.
+
+    With `follow=False` it stops at the high watermark each partition reported once the scan
+    began its fetches (TimeoutError if not reached within `timeout_s`); with `follow=True` it
+    goes on yielding new records until the caller stops iterating.
+    """
+    name = settings.topic(topic.name) if isinstance(topic, TopicSpec) else topic
+    consumer = make_consumer(settings, None)
+    await consumer.start()
+    try:
+        parts = await topic_partitions(consumer, name, timeout_s=min(timeout_s, 10.0))
+        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        pending = set(tps)
+        deadline = time.monotonic() + timeout_s
+        while follow or pending:
+            if not follow and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"read-back of {name} did not reach the high watermark in {timeout_s}s "
+                    f"({len(pending)} partition(s) behind)"
+                )
+            batches = await consumer.getmany(
+                *(tps if follow else pending),
+                timeout_ms=settings.fetch_max_wait_ms,
+                max_records=10_000,
+            )
+            for records in batches.values():
+                for record in records:
+                    yield record
+            for tp in list(pending):
+                high = consumer.highwater(tp)
+                if high is not None and await consumer.position(tp) >= high:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
 
 
 async def read_to_high_watermark(
@@ -41,53 +86,33 @@ async def read_to_high_watermark(
     watermark was observed may or may not be included. Raises TimeoutError if the end is not
     reached within `timeout_s`.
     """
-    name = settings.topic(topic.name) if isinstance(topic, TopicSpec) else topic
-    consumer = make_consumer(settings, None)
-    await consumer.start()
-    try:
-        parts = await topic_partitions(consumer, name, timeout_s=min(timeout_s, 10.0))
-        tps = [TopicPartition(name, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        state: dict[bytes, Event] = {}
-        skipped = 0
-        pending = set(tps)
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"read-back of {name} did not reach the high watermark in {timeout_s}s "
-                    f"({len(pending)} partition(s) behind)"
-                )
-            batches = await consumer.getmany(
-                *pending, timeout_ms=settings.fetch_max_wait_ms, max_records=10_000
+    state: dict[bytes, Event] = {}
+    skipped = 0
+    async for record in scan(settings, topic, timeout_s=timeout_s):
+        if record.key is None:
+            skipped += 1
+            continue
+        if record.value is None:
+            state.pop(record.key, None)
+            continue
+        value = decoder(record.value)
+        if isinstance(value, InvalidEvent):
+            skipped += 1
+            log.warning(
+                "read-back %s[%d]@%d skipped: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                value,
             )
-            for records in batches.values():
-                for record in records:
-                    if record.key is None:
-                        skipped += 1
-                        continue
-                    if record.value is None:
-                        state.pop(record.key, None)
-                        continue
-                    value = decoder(record.value)
-                    if isinstance(value, InvalidEvent):
-                        skipped += 1
-                        log.warning(
-                            "read-back %s[%d]@%d skipped: %s",
-                            record.topic,
-                            record.partition,
-                            record.offset,
-                            value,
-                        )
-                        continue
-                    state[record.key] = value
-            for tp in list(pending):
-                high = consumer.highwater(tp)
-                if high is not None and await consumer.position(tp) >= high:
-                    pending.discard(tp)
-        if skipped:
-            log.warning("read-back %s: %d record(s) skipped", name, skipped)
-        return state
-    finally:
-        await consumer.stop()
+            continue
+        state[record.key] = value
+    if skipped:
+        log.warning(
+            "read-back %s: %d record(s) skipped", record_topic_name(settings, topic), skipped
+        )
+    return state
+
+
+def record_topic_name(settings: KafkaSettings, topic: str | TopicSpec) -> str:
+    return settings.topic(topic.name) if isinstance(topic, TopicSpec) else topic
