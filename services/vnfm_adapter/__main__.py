@@ -1,0 +1,117 @@
+"""`python -m services.vnfm_adapter`: the VNFM adapter process.
+
+Kafka settings come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `ESCALATOR_KAFKA_*`); the
+adapter's own from `ESCALATOR_VNFM_ADAPTER_*`, overridden by the flags. Heavy imports happen only
+once the arguments are parsed, so `--help` and bad flags stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.vnfm_adapter",
+        description="Escalator VNFM adapter: notices to VNFMs, deadlines, replies.",
+    )
+    parser.add_argument("--instance-id", help="this instance (ESCALATOR_VNFM_ADAPTER_INSTANCE_ID)")
+    parser.add_argument("--group-id", help="consumer group (ESCALATOR_VNFM_ADAPTER_GROUP_ID)")
+    parser.add_argument("--tick-s", type=float, help="deadline check period in seconds")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from pydantic import ValidationError
+
+    from services.vnfm_adapter.settings import VnfmAdapterSettings
+
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("instance_id", args.instance_id),
+            ("group_id", args.group_id),
+            ("tick_s", args.tick_s),
+        )
+        if value is not None
+    }
+    try:
+        settings = VnfmAdapterSettings(**overrides)
+    except ValidationError as err:
+        print(f"vnfm adapter: bad settings:\n{err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(settings: Any) -> None:
+    from escalator.bus import EventPublisher, ensure_topics, make_consumer, make_producer
+    from escalator.settings import KafkaSettings
+    from schemas.envelope import utcnow
+    from schemas.topics import VNF_REGISTRY, VNFM_EVENTS, VNFM_NOTICES, VNFM_REPLIES, VNFM_REQUESTS
+    from services.vnfm_adapter.service import (
+        KafkaRegistrySource,
+        KafkaStateStore,
+        bootstrap,
+        state_topic_spec,
+    )
+
+    kafka = KafkaSettings()
+    await ensure_topics(
+        kafka,
+        (
+            VNFM_REQUESTS,
+            VNFM_REPLIES,
+            VNFM_EVENTS,
+            VNFM_NOTICES,
+            VNF_REGISTRY,
+            state_topic_spec(settings),
+        ),
+    )
+    producer = make_producer(kafka)
+    consumer = make_consumer(
+        kafka,
+        settings.group_id,
+        kafka.topic(VNFM_REQUESTS.name),
+        kafka.topic(VNFM_REPLIES.name),
+    )
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            service = bootstrap(
+                settings,
+                registry_source=KafkaRegistrySource(kafka),
+                consumer=consumer,
+                publisher=EventPublisher(producer, kafka),
+                state_store=KafkaStateStore(kafka, producer, settings.state_topic),
+                clock=utcnow,
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, service.request_stop)
+            logging.getLogger(__name__).info("vnfm adapter %s starting", settings.instance_id)
+            await service.run()
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The reference VNFM's pure decisions, and its driver against an in-memory fake world."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from escalator.world.client import WorldError
+from escalator.world.model import MemberSync, VnfView
+from schemas.events import NodeAvailable, VnfBusinessMoved, VnfMaintenanceNotified
+from schemas.types import AffectedVnf, BusinessOutcome, MaintenanceAction
+from services.vnfm_adapter.reference_vnfm import (
+    ReferenceVnfm,
+    WorldAction,
+    build_reply,
+    plan_notice,
+    plan_restore,
+    reply_id,
+)
+
+pytestmark = pytest.mark.unit
+
+NODE = "node-1"
+NOW = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
+ALL_ACTIONS = tuple(MaintenanceAction)
+SWITCHED, DRAINED, LEFT = (
+    BusinessOutcome.SWITCHED_OVER,
+    BusinessOutcome.DRAINED,
+    BusinessOutcome.LEFT_FOR_VIM,
+)
+
+
+def active_standby(
+    *,
+    active: str | None = "vm-a1",
+    nodes: dict[str, str] | None = None,
+    up: tuple[str, ...] = ("vm-a1", "vm-a2"),
+    resyncing: tuple[str, ...] = (),
+    vnfm_id: str = "vnfm-1",
+) -> VnfView:
+    members = ["vm-a1", "vm-a2"]
+    return VnfView(
+        id="vnf-as",
+        vnfm_id=vnfm_id,
+        redundancy="active_standby",
+        members=members,
+        active_member=active,
+        sync={m: MemberSync(state="resyncing" if m in resyncing else "in_sync") for m in members},
+        member_nodes=nodes or {"vm-a1": NODE, "vm-a2": "node-2"},
+        members_up=list(up),
+        members_in_service=[active] if active in up else [],
+    )
+
+
+def load_balanced(
+    *, shares: dict[str, float] | None = None, min_in_service: int = 2, vnfm_id: str = "vnfm-1"
+) -> VnfView:
+    members = ["vm-l1", "vm-l2", "vm-l3"]
+    shares = shares if shares is not None else dict.fromkeys(members, 1 / 3)
+    return VnfView(
+        id="vnf-lb",
+        vnfm_id=vnfm_id,
+        redundancy="load_balanced",
+        members=members,
+        load_share=shares,
+        min_in_service=min_in_service,
+        member_nodes={"vm-l1": NODE, "vm-l2": "node-2", "vm-l3": "node-3"},
+        members_up=members,
+        members_in_service=[m for m in members if shares.get(m, 0) > 0],
+    )
+
+
+def notice(
+    vnfs: dict[str, tuple[str, ...]],
+    *,
+    vnfm_id: str = "vnfm-1",
+    allowed: tuple[MaintenanceAction, ...] = ALL_ACTIONS,
+) -> VnfMaintenanceNotified:
+    return VnfMaintenanceNotified(
+        campaign_id="cmp-1",
+        notice_id=f"n-{uuid.uuid4()}",
+        vnfm_id=vnfm_id,
+        node_id=NODE,
+        vnfs=tuple(AffectedVnf(vnf_id=v, vm_ids=vms) for v, vms in vnfs.items()),
+        allowed_actions=allowed,
+        reply_deadline=NOW,
+        producer="vnfm-adapter",
+    )
+
+
+def one_plan(n: VnfMaintenanceNotified, *views: VnfView) -> tuple[WorldAction, BusinessOutcome]:
+    [plan] = plan_notice(n, "vnfm-1", {v.id: v for v in views})
+    return plan.action, plan.outcome
+
+
+# --- active-standby --------------------------------------------------------------------------
+
+
+def test_active_member_on_the_node_switches_over_to_the_standby() -> None:
+    [plan] = plan_notice(notice({"vnf-as": ("vm-a1",)}), "vnfm-1", {"vnf-as": active_standby()})
+    assert (plan.action, plan.to_member, plan.outcome) == (
+        WorldAction.SWITCH_OVER,
+        "vm-a2",
+        SWITCHED,
+    )
+
+
+def test_standby_on_the_node_carries_no_business_and_counts_as_switched_over() -> None:
+    n = notice({"vnf-as": ("vm-a2",)})
+    view = active_standby(nodes={"vm-a1": "node-2", "vm-a2": NODE})
+    assert one_plan(n, view) == (WorldAction.NONE, SWITCHED)
+
+
+def test_standby_whose_active_is_down_is_left_for_the_vim() -> None:
+    n = notice({"vnf-as": ("vm-a2",)})
+    view = active_standby(nodes={"vm-a1": "node-2", "vm-a2": NODE}, up=("vm-a2",))
+    assert one_plan(n, view) == (WorldAction.NONE, LEFT)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        active_standby(resyncing=("vm-a2",)),
+        active_standby(up=("vm-a1",)),
+        active_standby(nodes={"vm-a1": NODE, "vm-a2": NODE}),
+    ],
+    ids=["standby-resyncing", "standby-down", "standby-on-same-node"],
+)
+def test_active_without_a_usable_standby_is_left_for_the_vim(view: VnfView) -> None:
+    assert one_plan(notice({"vnf-as": ("vm-a1",)}), view) == (WorldAction.NONE, LEFT)
+
+
+def test_switch_over_not_allowed_is_left_for_the_vim() -> None:
+    n = notice({"vnf-as": ("vm-a1",)}, allowed=(MaintenanceAction.MIGRATE,))
+    assert one_plan(n, active_standby()) == (WorldAction.NONE, LEFT)
+
+
+# --- load-balanced ---------------------------------------------------------------------------
+
+
+def test_loaded_member_is_drained() -> None:
+    assert one_plan(notice({"vnf-lb": ("vm-l1",)}), load_balanced()) == (
+        WorldAction.DRAIN,
+        DRAINED,
+    )
+
+
+def test_drain_that_would_break_min_in_service_is_left_for_the_vim() -> None:
+    view = load_balanced(shares={"vm-l1": 0.5, "vm-l2": 0.5, "vm-l3": 0.0})
+    assert one_plan(notice({"vnf-lb": ("vm-l1",)}), view) == (WorldAction.NONE, LEFT)
+
+
+def test_member_without_load_is_already_drained() -> None:
+    view = load_balanced(shares={"vm-l1": 0.0, "vm-l2": 0.5, "vm-l3": 0.5})
+    assert one_plan(notice({"vnf-lb": ("vm-l1",)}), view) == (WorldAction.NONE, DRAINED)
+
+
+def test_drain_not_allowed_is_left_for_the_vim() -> None:
+    n = notice({"vnf-lb": ("vm-l1",)}, allowed=(MaintenanceAction.SWITCH_OVER,))
+    assert one_plan(n, load_balanced()) == (WorldAction.NONE, LEFT)
+
+
+# --- what is not ours ------------------------------------------------------------------------
+
+
+def test_unknown_vnf_foreign_vnf_and_non_member_are_left_for_the_vim() -> None:
+    n = notice({"vnf-x": ("vm-x",), "vnf-as": ("vm-zz",), "vnf-lb": ("vm-l1",)})
+    plans = plan_notice(
+        n,
+        "vnfm-1",
+        {"vnf-x": None, "vnf-as": active_standby(), "vnf-lb": load_balanced(vnfm_id="vnfm-2")},
+    )
+    assert [(p.vm_id, p.action, p.outcome) for p in plans] == [
+        ("vm-x", WorldAction.NONE, LEFT),
+        ("vm-zz", WorldAction.NONE, LEFT),
+        ("vm-l1", WorldAction.NONE, LEFT),
+    ]
+
+
+def test_notice_for_another_vnfm_gets_no_plan() -> None:
+    n = notice({"vnf-as": ("vm-a1",)}, vnfm_id="vnfm-2")
+    assert plan_notice(n, "vnfm-1", {"vnf-as": active_standby()}) == ()
+
+
+# --- reply -----------------------------------------------------------------------------------
+
+
+def test_reply_answers_the_notice_with_one_outcome_per_vm() -> None:
+    n = notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)})
+    plans = plan_notice(n, "vnfm-1", {"vnf-as": active_standby(), "vnf-lb": load_balanced()})
+    reply = build_reply(n, plans, now=NOW, producer="reference-vnfm/vnfm-1")
+    assert reply.notice_id == n.notice_id and reply.vnfm_id == "vnfm-1"
+    assert reply.causation_id == n.event_id
+    assert reply.correlation_id == n.correlation_id
+    assert reply.campaign_id == "cmp-1"
+    assert reply.event_id == reply_id(n)
+    assert [(o.vm_id, o.vnf_id, o.outcome) for o in reply.outcomes] == [
+        ("vm-a1", "vnf-as", SWITCHED),
+        ("vm-l1", "vnf-lb", DRAINED),
+    ]
+
+
+# --- restore ---------------------------------------------------------------------------------
+
+
+def available(vnf_ids: tuple[str, ...], vnfm_id: str = "vnfm-1") -> NodeAvailable:
+    return NodeAvailable(node_id=NODE, vnfm_id=vnfm_id, vnf_ids=vnf_ids, producer="vnfm-adapter")
+
+
+def test_restore_gives_load_back_to_drained_members_that_are_up() -> None:
+    drained = load_balanced(shares={"vm-l1": 0.0, "vm-l2": 0.5, "vm-l3": 0.5})
+    event = available(("vnf-lb", "vnf-as"))
+    views = {"vnf-lb": drained, "vnf-as": active_standby()}
+    assert plan_restore(event, "vnfm-1", views) == (("vnf-lb", "vm-l1"),)
+    # a member drained for this node but since migrated elsewhere is remembered
+    moved = drained.model_copy(update={"member_nodes": {**drained.member_nodes, "vm-l1": "node-4"}})
+    assert plan_restore(event, "vnfm-1", {"vnf-lb": moved}) == ()
+    assert plan_restore(event, "vnfm-1", {"vnf-lb": moved}, [("vnf-lb", "vm-l1")]) == (
+        ("vnf-lb", "vm-l1"),
+    )
+    down = drained.model_copy(update={"members_up": ["vm-l2", "vm-l3"]})
+    assert plan_restore(event, "vnfm-1", {"vnf-lb": down}) == ()
+    assert plan_restore(available(("vnf-lb",), "vnfm-2"), "vnfm-1", views) == ()
+    assert plan_restore(event, "vnfm-1", {"vnf-lb": load_balanced()}) == ()
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+class FakeWorld:
+    """Just the calls the reference VNFM makes; `refuse` maps a call name to a 409."""
+
+    def __init__(self, *views: VnfView, refuse: tuple[str, ...] = ()) -> None:
+        self.views = {v.id: v for v in views}
+        self.refuse = refuse
+        self.calls: list[tuple[str, ...]] = []
+
+    async def vnf(self, vnf_id: str) -> VnfView:
+        self.calls.append(("vnf", vnf_id))
+        if vnf_id not in self.views:
+            raise WorldError(404, f"unknown VNF {vnf_id!r}")
+        return self.views[vnf_id]
+
+    async def _act(self, name: str, vnf_id: str, member: str) -> VnfView:
+        self.calls.append((name, vnf_id, member))
+        if name in self.refuse:
+            raise WorldError(409, f"{name} refused")
+        return self.views[vnf_id]
+
+    async def switch_over(self, vnf_id: str, to_member: str) -> VnfView:
+        return await self._act("switch_over", vnf_id, to_member)
+
+    async def drain_member(self, vnf_id: str, member: str) -> VnfView:
+        return await self._act("drain_member", vnf_id, member)
+
+    async def restore_member(self, vnf_id: str, member: str) -> VnfView:
+        return await self._act("restore_member", vnf_id, member)
+
+
+def driver(world: FakeWorld, **options: Any) -> tuple[ReferenceVnfm, list[VnfBusinessMoved]]:
+    sent: list[VnfBusinessMoved] = []
+
+    async def send(reply: VnfBusinessMoved) -> None:
+        sent.append(reply)
+
+    vnfm = ReferenceVnfm(world, "vnfm-1", send, clock=lambda: NOW, **options)  # type: ignore[arg-type]
+    return vnfm, sent
+
+
+async def test_driver_acts_on_the_world_and_replies() -> None:
+    world = FakeWorld(active_standby(), load_balanced())
+    vnfm, sent = driver(world)
+    n = notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",), "vnf-gone": ("vm-g",)})
+    reply = await vnfm.handle_notice(n)
+    assert sent == [reply] and reply is not None
+    assert ("switch_over", "vnf-as", "vm-a2") in world.calls
+    assert ("drain_member", "vnf-lb", "vm-l1") in world.calls
+    assert {o.vm_id: o.outcome for o in reply.outcomes} == {
+        "vm-a1": SWITCHED,
+        "vm-l1": DRAINED,
+        "vm-g": LEFT,
+    }
+    assert vnfm.drained == {NODE: {("vnf-lb", "vm-l1")}}
+
+
+async def test_driver_reports_left_for_vim_when_the_world_refuses() -> None:
+    world = FakeWorld(active_standby(), load_balanced(), refuse=("switch_over", "drain_member"))
+    vnfm, _ = driver(world)
+    reply = await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)}))
+    assert reply is not None and {o.outcome for o in reply.outcomes} == {LEFT}
+    assert vnfm.drained == {}
+
+
+async def test_driver_never_answers_another_vnfms_notice() -> None:
+    world = FakeWorld(active_standby())
+    vnfm, sent = driver(world)
+    assert await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",)}, vnfm_id="vnfm-2")) is None
+    assert sent == [] and world.calls == []
+
+
+async def test_silent_driver_acts_but_never_replies() -> None:
+    world = FakeWorld(active_standby())
+    vnfm, sent = driver(world, silent=True)
+    assert await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",)})) is None
+    assert sent == [] and ("switch_over", "vnf-as", "vm-a2") in world.calls
+
+
+async def test_driver_does_not_swallow_an_unreachable_world() -> None:
+    class Down(FakeWorld):
+        async def vnf(self, vnf_id: str) -> VnfView:
+            raise WorldError(0, "unreachable")
+
+    vnfm, sent = driver(Down())
+    with pytest.raises(WorldError):
+        await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",)}))
+    assert sent == []
+
+
+async def test_driver_restores_what_it_drained_on_node_available() -> None:
+    world = FakeWorld(load_balanced())
+    vnfm, _ = driver(world)
+    await vnfm.handle_notice(notice({"vnf-lb": ("vm-l1",)}))
+    world.views["vnf-lb"] = load_balanced(shares={"vm-l1": 0.0, "vm-l2": 0.5, "vm-l3": 0.5})
+    assert await vnfm.handle_node_available(available(("vnf-lb",))) == (("vnf-lb", "vm-l1"),)
+    assert ("restore_member", "vnf-lb", "vm-l1") in world.calls
+    assert vnfm.drained == {}
+    assert await vnfm.handle_node_available(available(("vnf-lb",), "vnfm-2")) == ()

@@ -1,0 +1,665 @@
+"""The VNFM adapter's decision core: notices, replies, deadlines, duplicates, superseding."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from escalator.registry import VnfRegistry
+from schemas.envelope import Event
+from schemas.events import (
+    BusinessMoved,
+    BusinessMoveRequested,
+    NodeAvailable,
+    NoticeCancelled,
+    NoticeExpired,
+    VnfBusinessMoved,
+    VnfMaintenanceNotified,
+    VnfProfile,
+)
+from schemas.types import (
+    BusinessOutcome,
+    MaintenanceAction,
+    RedundancyModel,
+    VmBusinessOutcome,
+    VmRef,
+)
+from services.vnfm_adapter.domain import (
+    AdapterState,
+    Context,
+    Decision,
+    Input,
+    NodeCollection,
+    RejectionReason,
+    Tick,
+    business_moved_id,
+    changed_nodes,
+    decide,
+    next_deadline,
+    notice_event_id,
+)
+
+pytestmark = pytest.mark.unit
+
+E = TypeVar("E", bound=Event)
+
+T0 = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
+DEADLINE = T0 + timedelta(seconds=40)
+CAMPAIGN = "cmp-29-1-0-abc"
+SO, DR, OWN, MIG = (
+    MaintenanceAction.SWITCH_OVER,
+    MaintenanceAction.DRAIN,
+    MaintenanceAction.OWN_ACTION,
+    MaintenanceAction.MIGRATE,
+)
+SWITCHED, DRAINED, LEFT = (
+    BusinessOutcome.SWITCHED_OVER,
+    BusinessOutcome.DRAINED,
+    BusinessOutcome.LEFT_FOR_VIM,
+)
+
+
+def registry() -> VnfRegistry:
+    return VnfRegistry.of(
+        [
+            VnfProfile(
+                vnf_id="vnf-as-1",
+                vnfm_id="vnfm-a",
+                redundancy=RedundancyModel.ACTIVE_STANDBY,
+                members=("vm-1", "vm-2"),
+                min_in_service=1,
+                max_unavailable=1,
+                allowed_actions=(SO, MIG),
+            ),
+            VnfProfile(
+                vnf_id="vnf-lb-1",
+                vnfm_id="vnfm-b",
+                redundancy=RedundancyModel.LOAD_BALANCED,
+                members=("vm-3", "vm-4", "vm-5"),
+                min_in_service=2,
+                max_unavailable=1,
+                allowed_actions=(DR, MIG),
+            ),
+            VnfProfile(
+                vnf_id="vnf-as-2",
+                vnfm_id="vnfm-a",
+                redundancy=RedundancyModel.ACTIVE_STANDBY,
+                members=("vm-6", "vm-7"),
+                min_in_service=1,
+                max_unavailable=1,
+            ),
+        ]
+    )
+
+
+REQUEST_VMS = (
+    VmRef(vm_id="vm-1", vnf_id="vnf-as-1"),
+    VmRef(vm_id="vm-3", vnf_id="vnf-lb-1"),
+    VmRef(vm_id="vm-6", vnf_id="vnf-as-2"),
+    VmRef(vm_id="vm-9", vnf_id=None),  # no VNF
+    VmRef(vm_id="vm-10", vnf_id="vnf-ghost"),  # a VNF nobody registered
+)
+
+
+def request(
+    node: str = "node-1",
+    attempt: int = 1,
+    vms: tuple[VmRef, ...] = REQUEST_VMS,
+    deadline: datetime = DEADLINE,
+    campaign: str | None = CAMPAIGN,
+) -> BusinessMoveRequested:
+    event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{campaign}/{node}/{attempt}")
+    return BusinessMoveRequested(
+        event_id=event_id,
+        campaign_id=campaign,
+        node_id=node,
+        vms=vms,
+        deadline=deadline,
+        attempt=attempt,
+        occurred_at=T0,
+        producer="upgrade-manager",
+    )
+
+
+def ctx(at: datetime = T0, reg: VnfRegistry | None = None) -> Context:
+    return Context(now=at, registry=reg if reg is not None else registry())
+
+
+def of_type(commands: tuple[Event, ...], cls: type[E]) -> list[E]:
+    return [c for c in commands if isinstance(c, cls)]
+
+
+def notices(d: Decision) -> dict[str, VnfMaintenanceNotified]:
+    return {n.vnfm_id: n for n in of_type(d.commands, VnfMaintenanceNotified)}
+
+
+def reply(
+    notice: VnfMaintenanceNotified,
+    outcomes: dict[str, BusinessOutcome],
+    *,
+    vnfm_id: str | None = None,
+    vnf_ids: dict[str, str | None] | None = None,
+) -> VnfBusinessMoved:
+    vnf_of = {vm: a.vnf_id for a in notice.vnfs for vm in a.vm_ids}
+    vnf_of.update(vnf_ids or {})
+    return VnfBusinessMoved(
+        **notice.caused(producer="vnfm"),
+        notice_id=notice.notice_id,
+        vnfm_id=vnfm_id or notice.vnfm_id,
+        outcomes=tuple(
+            VmBusinessOutcome(vm_id=vm, vnf_id=vnf_of.get(vm), outcome=o)
+            for vm, o in outcomes.items()
+        ),
+    )
+
+
+def opened() -> Decision:
+    return decide(AdapterState(), request(), ctx())
+
+
+def outcome_map(moved: BusinessMoved) -> dict[str, BusinessOutcome]:
+    return {o.vm_id: o.outcome for o in moved.outcomes}
+
+
+# --- notices ---------------------------------------------------------------------------------
+
+
+def test_request_notifies_one_vnfm_each_with_its_vnfs_and_vms() -> None:
+    d = opened()
+    sent = notices(d)
+    assert list(sent) == ["vnfm-a", "vnfm-b"]
+    a, b = sent["vnfm-a"], sent["vnfm-b"]
+    assert [(v.vnf_id, v.vm_ids) for v in a.vnfs] == [
+        ("vnf-as-1", ("vm-1",)),
+        ("vnf-as-2", ("vm-6",)),
+    ]
+    assert [(v.vnf_id, v.vm_ids) for v in b.vnfs] == [("vnf-lb-1", ("vm-3",))]
+    assert a.node_id == b.node_id == "node-1"
+    assert a.reply_deadline == DEADLINE
+    # union of the profiles, in order of first preference
+    assert a.allowed_actions == (SO, MIG, DR, OWN)
+    assert b.allowed_actions == (DR, MIG)
+    req = request()
+    for n in (a, b):
+        assert n.causation_id == req.event_id
+        assert n.correlation_id == req.correlation_id
+        assert n.campaign_id == CAMPAIGN
+        assert n.occurred_at == T0
+        assert n.producer == "vnfm-adapter"
+    assert of_type(d.commands, BusinessMoved) == []
+    record = d.state.nodes["node-1"]
+    assert not record.closed and len(record.notices) == 2
+    assert next_deadline(d.state) == DEADLINE
+
+
+def test_notice_ids_are_deterministic_per_campaign_node_attempt_and_vnfm() -> None:
+    first, second = opened(), opened()
+    assert [c.event_id for c in first.commands] == [c.event_id for c in second.commands]
+    a = notices(first)["vnfm-a"]
+    assert a.event_id == notice_event_id(CAMPAIGN, "node-1", 1, "vnfm-a")
+    assert a.notice_id == str(a.event_id)
+    again = decide(AdapterState(), request(attempt=2), ctx())
+    assert notices(again)["vnfm-a"].notice_id != a.notice_id
+
+
+def test_no_vnfm_involved_reports_at_once() -> None:
+    vms = (VmRef(vm_id="vm-9"), VmRef(vm_id="vm-10", vnf_id="vnf-ghost"))
+    d = decide(AdapterState(), request(vms=vms), ctx())
+    [moved] = d.commands
+    assert isinstance(moved, BusinessMoved)
+    assert outcome_map(moved) == {"vm-9": LEFT, "vm-10": LEFT}
+    assert not moved.timed_out
+    assert moved.event_id == business_moved_id(CAMPAIGN, "node-1", 1)
+    assert moved.causation_id == request(vms=vms).event_id
+    assert d.state.nodes["node-1"].closed
+
+
+def test_empty_request_reports_empty_outcomes() -> None:
+    d = decide(AdapterState(), request(vms=()), ctx())
+    [moved] = d.commands
+    assert isinstance(moved, BusinessMoved) and moved.outcomes == ()
+
+
+def test_request_already_past_its_deadline_notifies_nobody() -> None:
+    d = decide(AdapterState(), request(), ctx(DEADLINE))
+    [moved] = d.commands
+    assert isinstance(moved, BusinessMoved) and moved.timed_out
+    assert set(outcome_map(moved).values()) == {LEFT}
+
+
+def test_request_without_campaign_is_rejected() -> None:
+    d = decide(AdapterState(), request(campaign=None), ctx())
+    assert d.commands == () and d.state == AdapterState()
+    assert [r.reason for r in d.rejections] == [RejectionReason.MISSING_CAMPAIGN]
+
+
+def test_repeated_vms_in_a_request_get_one_outcome() -> None:
+    vms = (*REQUEST_VMS, REQUEST_VMS[0], REQUEST_VMS[3])
+    d = decide(AdapterState(), request(vms=vms), ctx())
+    assert notices(d)["vnfm-a"].vnfs[0].vm_ids == ("vm-1",)
+    d = decide(d.state, Tick(), ctx(DEADLINE))
+    [moved] = of_type(d.commands, BusinessMoved)
+    assert [o.vm_id for o in moved.outcomes] == ["vm-1", "vm-3", "vm-6", "vm-9", "vm-10"]
+
+
+# --- replies ---------------------------------------------------------------------------------
+
+
+def test_complete_collection_reports_once_every_vnfm_answered() -> None:
+    d = opened()
+    sent = notices(d)
+    t1 = T0 + timedelta(seconds=5)
+    # vm-6 is missing from vnfm-a's reply: it counts as left_for_vim
+    d = decide(d.state, reply(sent["vnfm-a"], {"vm-1": SWITCHED}), ctx(t1))
+    assert d.commands == () and d.rejections == ()
+    assert not d.state.nodes["node-1"].closed
+    d = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx(t1))
+    [moved] = d.commands
+    assert isinstance(moved, BusinessMoved)
+    assert not moved.timed_out
+    assert [(o.vm_id, o.vnf_id, o.outcome) for o in moved.outcomes] == [
+        ("vm-1", "vnf-as-1", SWITCHED),
+        ("vm-3", "vnf-lb-1", DRAINED),
+        ("vm-6", "vnf-as-2", LEFT),
+        ("vm-9", None, LEFT),
+        ("vm-10", "vnf-ghost", LEFT),
+    ]
+    req = request()
+    assert moved.campaign_id == CAMPAIGN
+    assert moved.causation_id == req.event_id
+    assert moved.correlation_id == req.correlation_id
+    assert moved.occurred_at == t1
+    assert d.state.nodes["node-1"].closed
+    # nothing more at the deadline
+    assert decide(d.state, Tick(), ctx(DEADLINE)).commands == ()
+    assert next_deadline(d.state) is None
+
+
+def test_reply_without_vnf_ids_is_filled_from_the_notice() -> None:
+    d = opened()
+    a = notices(d)["vnfm-a"]
+    d = decide(d.state, reply(a, {"vm-1": SWITCHED}, vnf_ids={"vm-1": None}), ctx())
+    assert d.rejections == ()
+    answered = d.state.nodes["node-1"].notices[0].outcomes
+    assert answered is not None and answered[0].vnf_id == "vnf-as-1"
+
+
+def test_deadline_expires_unanswered_notices_and_reports_what_arrived() -> None:
+    d = opened()
+    sent = notices(d)
+    d = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx())
+    assert decide(d.state, Tick(), ctx(DEADLINE - timedelta(milliseconds=1))).commands == ()
+    d = decide(d.state, Tick(), ctx(DEADLINE))
+    [expired] = of_type(d.commands, NoticeExpired)
+    assert expired.vnfm_id == "vnfm-a"
+    assert expired.notice_id == sent["vnfm-a"].notice_id
+    assert expired.causation_id == sent["vnfm-a"].event_id
+    assert expired.node_id == "node-1"
+    [moved] = of_type(d.commands, BusinessMoved)
+    assert moved.timed_out
+    assert outcome_map(moved) == {
+        "vm-1": LEFT,
+        "vm-3": DRAINED,
+        "vm-6": LEFT,
+        "vm-9": LEFT,
+        "vm-10": LEFT,
+    }
+    # once only
+    assert decide(d.state, Tick(), ctx(DEADLINE + timedelta(seconds=1))).commands == ()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (
+            lambda n: VnfBusinessMoved(
+                notice_id="n-unknown", vnfm_id=n.vnfm_id, outcomes=(), producer="x"
+            ),
+            RejectionReason.UNKNOWN_NOTICE,
+        ),
+        (lambda n: reply(n, {"vm-1": SWITCHED}, vnfm_id="vnfm-b"), RejectionReason.WRONG_VNFM),
+        (lambda n: reply(n, {"vm-1": SWITCHED, "vm-2": SWITCHED}), RejectionReason.FOREIGN_VM),
+        (
+            lambda n: reply(n, {"vm-1": SWITCHED}, vnf_ids={"vm-1": "vnf-lb-1"}),
+            RejectionReason.FOREIGN_VNF,
+        ),
+        (
+            lambda n: reply(n, {"vm-1": SWITCHED}, vnf_ids={"vm-1": "vnf-as-2"}),
+            RejectionReason.FOREIGN_VNF,
+        ),
+        (
+            lambda n: VnfBusinessMoved(
+                **n.caused(),
+                notice_id=n.notice_id,
+                vnfm_id=n.vnfm_id,
+                outcomes=(
+                    VmBusinessOutcome(vm_id="vm-1", outcome=SWITCHED),
+                    VmBusinessOutcome(vm_id="vm-1", outcome=LEFT),
+                ),
+            ),
+            RejectionReason.CONFLICTING_OUTCOMES,
+        ),
+    ],
+    ids=[
+        "unknown-notice",
+        "wrong-vnfm",
+        "foreign-vm",
+        "foreign-vnf",
+        "vnf-vm-mismatch",
+        "conflict",
+    ],
+)
+def test_invalid_replies_are_rejected_and_change_nothing(make, reason) -> None:  # type: ignore[no-untyped-def]
+    d = opened()
+    bad = make(notices(d)["vnfm-a"])
+    after = decide(d.state, bad, ctx())
+    assert after.commands == ()
+    assert after.state == d.state
+    [rejection] = after.rejections
+    assert rejection.reason is reason
+    assert rejection.event_id == bad.event_id
+    assert rejection.event_type == "VnfBusinessMoved"
+    assert not rejection.reason.harmless
+    assert rejection.detail
+
+
+def test_late_reply_is_rejected_and_the_deadline_fires_anyway() -> None:
+    d = opened()
+    a = notices(d)["vnfm-a"]
+    # no tick ran between the deadline and the reply: time passes first
+    late = decide(d.state, reply(a, {"vm-1": SWITCHED}), ctx(DEADLINE + timedelta(seconds=1)))
+    assert [r.reason for r in late.rejections] == [RejectionReason.LATE]
+    [moved] = of_type(late.commands, BusinessMoved)
+    assert moved.timed_out and outcome_map(moved)["vm-1"] is LEFT
+    assert len(of_type(late.commands, NoticeExpired)) == 2
+    # and after the tick closed the collection
+    closed = decide(d.state, Tick(), ctx(DEADLINE)).state
+    again = decide(closed, reply(a, {"vm-1": SWITCHED}), ctx(DEADLINE))
+    assert again.commands == () and [r.reason for r in again.rejections] == [RejectionReason.LATE]
+
+
+def test_duplicate_reply_is_harmless_and_a_different_second_answer_is_refused() -> None:
+    d = opened()
+    a = notices(d)["vnfm-a"]
+    first = reply(a, {"vm-1": SWITCHED})
+    d = decide(d.state, first, ctx())
+    dup = decide(d.state, first, ctx())
+    assert dup.commands == () and dup.state == d.state
+    assert [r.reason for r in dup.rejections] == [RejectionReason.DUPLICATE]
+    assert dup.rejections[0].reason.harmless
+    other = decide(d.state, reply(a, {"vm-1": LEFT}), ctx())
+    assert other.state == d.state
+    assert [r.reason for r in other.rejections] == [RejectionReason.ALREADY_ANSWERED]
+
+
+def test_duplicate_reply_after_the_collection_closed_is_harmless() -> None:
+    d = opened()
+    sent = notices(d)
+    d = decide(d.state, reply(sent["vnfm-a"], {"vm-1": SWITCHED}), ctx())
+    last = reply(sent["vnfm-b"], {"vm-3": DRAINED})
+    d = decide(d.state, last, ctx())
+    dup = decide(d.state, last, ctx())
+    assert dup.commands == () and [r.reason for r in dup.rejections] == [RejectionReason.DUPLICATE]
+
+
+# --- duplicates and attempts -----------------------------------------------------------------
+
+
+def test_duplicate_request_emits_nothing() -> None:
+    d = opened()
+    for dup in (request(), request().model_copy(update={"event_id": uuid.uuid4()})):
+        again = decide(d.state, dup, ctx())
+        assert again.commands == () and again.state == d.state
+        assert [r.reason for r in again.rejections] == [RejectionReason.DUPLICATE]
+    closed = decide(d.state, Tick(), ctx(DEADLINE)).state
+    assert decide(closed, request(), ctx(DEADLINE)).commands == ()
+
+
+def test_newer_attempt_cancels_the_open_notices_and_notifies_again() -> None:
+    d = opened()
+    old = notices(d)
+    d = decide(d.state, reply(old["vnfm-b"], {"vm-3": DRAINED}), ctx())
+    new_deadline = DEADLINE + timedelta(seconds=60)
+    second = request(attempt=2, deadline=new_deadline)
+    d = decide(d.state, second, ctx(T0 + timedelta(seconds=1)))
+    [cancelled] = of_type(d.commands, NoticeCancelled)  # vnfm-b had answered already
+    assert cancelled.notice_id == old["vnfm-a"].notice_id
+    assert cancelled.vnfm_id == "vnfm-a"
+    assert cancelled.causation_id == second.event_id
+    assert "attempt 2" in cancelled.reason
+    fresh = notices(d)
+    assert set(fresh) == {"vnfm-a", "vnfm-b"}
+    assert {n.notice_id for n in fresh.values()}.isdisjoint(n.notice_id for n in old.values())
+    assert all(n.reply_deadline == new_deadline for n in fresh.values())
+    assert of_type(d.commands, BusinessMoved) == []
+    record = d.state.nodes["node-1"]
+    assert record.attempt == 2 and record.deadline == new_deadline
+    # replies to the superseded notices are unknown now
+    stale = decide(d.state, reply(old["vnfm-a"], {"vm-1": SWITCHED}), ctx())
+    assert [r.reason for r in stale.rejections] == [RejectionReason.UNKNOWN_NOTICE]
+    # the older attempt cannot come back
+    back = decide(d.state, request(attempt=1), ctx())
+    assert back.commands == () and [r.reason for r in back.rejections] == [
+        RejectionReason.STALE_REQUEST
+    ]
+
+
+def test_another_campaign_supersedes_a_closed_collection_without_cancelling() -> None:
+    closed = decide(opened().state, Tick(), ctx(DEADLINE)).state
+    later = DEADLINE + timedelta(seconds=100)
+    d = decide(
+        closed,
+        request(campaign="cmp-next", deadline=later),
+        ctx(DEADLINE + timedelta(seconds=1)),
+    )
+    assert of_type(d.commands, NoticeCancelled) == []
+    assert len(notices(d)) == 2
+    assert d.state.nodes["node-1"].campaign_id == "cmp-next"
+
+
+# --- node available --------------------------------------------------------------------------
+
+
+def node_available(vnf_ids: tuple[str, ...], vnfm_id: str | None = None) -> NodeAvailable:
+    return NodeAvailable(
+        campaign_id=CAMPAIGN,
+        node_id="node-1",
+        vnfm_id=vnfm_id,
+        vnf_ids=vnf_ids,
+        producer="upgrade-manager",
+    )
+
+
+def test_node_available_fans_out_per_vnfm_and_forgets_the_node() -> None:
+    closed = decide(opened().state, Tick(), ctx(DEADLINE)).state
+    internal = node_available(("vnf-as-1", "vnf-lb-1", "vnf-as-2", "vnf-ghost"))
+    d = decide(closed, internal, ctx(DEADLINE))
+    out = of_type(d.commands, NodeAvailable)
+    assert len(out) == len(d.commands) == 2
+    assert [(n.vnfm_id, n.vnf_ids) for n in out] == [
+        ("vnfm-a", ("vnf-as-1", "vnf-as-2")),
+        ("vnfm-b", ("vnf-lb-1",)),
+    ]
+    assert all(n.node_id == "node-1" and n.causation_id == internal.event_id for n in out)
+    assert "node-1" not in d.state.nodes
+    # deterministic, so a redelivery is a recognisable duplicate downstream
+    again = decide(closed, internal, ctx(DEADLINE))
+    assert [c.event_id for c in again.commands] == [c.event_id for c in d.commands]
+
+
+def test_node_available_without_a_record_uses_the_registry() -> None:
+    d = decide(AdapterState(), node_available(("vnf-lb-1",)), ctx())
+    [only] = d.commands
+    assert isinstance(only, NodeAvailable) and only.vnfm_id == "vnfm-b"
+
+
+def test_node_available_while_collecting_cancels_the_open_notices() -> None:
+    d = opened()
+    d = decide(d.state, node_available(()), ctx())
+    assert {c.vnfm_id for c in of_type(d.commands, NoticeCancelled)} == {"vnfm-a", "vnfm-b"}
+    assert {c.vnfm_id for c in of_type(d.commands, NodeAvailable)} == {"vnfm-a", "vnfm-b"}
+    assert of_type(d.commands, BusinessMoved) == []
+    assert d.state == AdapterState()
+
+
+def test_node_available_addressed_to_a_vnfm_is_not_ours() -> None:
+    d = decide(AdapterState(), node_available(("vnf-as-1",), vnfm_id="vnfm-a"), ctx())
+    assert d.commands == () and [r.reason for r in d.rejections] == [RejectionReason.NOT_INTERNAL]
+
+
+# --- state -----------------------------------------------------------------------------------
+
+
+def test_records_round_trip_through_json_and_only_changes_are_written() -> None:
+    d = opened()
+    record = d.state.nodes["node-1"]
+    assert NodeCollection.model_validate_json(record.model_dump_json()) == record
+    assert changed_nodes(AdapterState(), d.state) == {"node-1": record}
+    answered = decide(d.state, reply(notices(d)["vnfm-a"], {"vm-1": SWITCHED}), ctx())
+    assert changed_nodes(d.state, answered.state).keys() == {"node-1"}
+    assert changed_nodes(d.state, decide(d.state, Tick(), ctx()).state) == {}
+    forgotten = decide(answered.state, node_available(()), ctx())
+    assert changed_nodes(answered.state, forgotten.state) == {"node-1": None}
+
+
+def test_closed_records_are_forgotten_after_the_retention() -> None:
+    closed = decide(opened().state, Tick(), ctx(DEADLINE)).state
+    c = ctx(DEADLINE)
+    assert decide(closed, Tick(), ctx(DEADLINE + c.closed_retention - timedelta(seconds=1))).state
+    assert decide(closed, Tick(), ctx(DEADLINE + c.closed_retention)).state == AdapterState()
+
+
+# --- property --------------------------------------------------------------------------------
+
+VNFMS = ("vnfm-a", "vnfm-b", "vnfm-c")
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[VnfRegistry, dict[str, tuple[VmRef, ...]], list[tuple]]:  # type: ignore[type-arg]
+    vm_count = draw(st.integers(min_value=1, max_value=12))
+    vms = [f"vm-{i}" for i in range(vm_count)]
+    # each VM: no VNF, an unregistered VNF, or one of up to 4 registered VNFs
+    owner = [draw(st.sampled_from(["none", "ghost", "v0", "v1", "v2", "v3"])) for _ in vms]
+    profiles = []
+    for vnf in ("v0", "v1", "v2", "v3"):
+        members = tuple(vm for vm, o in zip(vms, owner, strict=True) if o == vnf)
+        if members:
+            profiles.append(
+                VnfProfile(
+                    vnf_id=vnf,
+                    vnfm_id=draw(st.sampled_from(VNFMS)),
+                    redundancy=RedundancyModel.LOAD_BALANCED,
+                    members=members,
+                    min_in_service=0,
+                    max_unavailable=1,
+                )
+            )
+    refs = [
+        VmRef(vm_id=vm, vnf_id=None if o == "none" else ("vnf-ghost" if o == "ghost" else o))
+        for vm, o in zip(vms, owner, strict=True)
+    ]
+    nodes: dict[str, tuple[VmRef, ...]] = {}
+    for node in ("node-1", "node-2", "node-3"):
+        taken = draw(st.lists(st.sampled_from(refs), max_size=6)) if refs else []
+        nodes[node] = tuple(taken)  # repeats on purpose: the adapter dedupes
+    steps = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(
+                    st.just("request"),
+                    st.sampled_from(sorted(nodes)),
+                    st.integers(min_value=1, max_value=3),
+                    st.integers(min_value=0, max_value=30),
+                ),
+                st.tuples(
+                    st.just("reply"),
+                    st.integers(min_value=0, max_value=50),
+                    st.lists(st.sampled_from(list(BusinessOutcome)), max_size=8),
+                    st.integers(min_value=0, max_value=9).map(lambda n: n == 0),
+                ),
+                st.tuples(st.just("tick"), st.integers(min_value=0, max_value=20)),
+                st.tuples(st.just("again"), st.integers(min_value=0, max_value=50)),
+            ),
+            max_size=40,
+        )
+    )
+    return VnfRegistry.of(profiles), nodes, steps
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_one_business_moved_per_node_attempt_with_one_outcome_per_vm(
+    scenario: tuple[VnfRegistry, dict[str, tuple[VmRef, ...]], list[tuple]],  # type: ignore[type-arg]
+) -> None:
+    reg, nodes, steps = scenario
+    state = AdapterState()
+    now = T0
+    fed: list[Input] = []
+    sent_notices: list[VnfMaintenanceNotified] = []
+    emitted: list[Event] = []
+    requested: dict[tuple[str, int], set[str]] = {}
+
+    def feed(event: Input) -> None:
+        nonlocal state
+        d = decide(state, event, Context(now=now, registry=reg))
+        state = d.state
+        fed.append(event)
+        emitted.extend(d.commands)
+        sent_notices.extend(of_type(d.commands, VnfMaintenanceNotified))
+        # the state always survives a JSON round trip (it is what gets persisted)
+        for record in state.nodes.values():
+            assert NodeCollection.model_validate_json(record.model_dump_json()) == record
+
+    for step in steps:
+        match step:
+            case ("request", node, attempt, lead):
+                req = request(
+                    node=node,
+                    attempt=attempt,
+                    vms=nodes[node],
+                    deadline=now + timedelta(seconds=lead),
+                )
+                requested[(node, attempt)] = {ref.vm_id for ref in nodes[node]}
+                feed(req)
+            case ("reply", index, outcomes, wrong_vnfm) if sent_notices:
+                # mostly the latest notices: older ones are often superseded or closed
+                notice = sent_notices[-1 - index % len(sent_notices)]
+                vms = [vm for a in notice.vnfs for vm in a.vm_ids]
+                given_outcomes = dict(zip(vms, outcomes, strict=False))
+                feed(
+                    reply(
+                        notice,
+                        given_outcomes,
+                        vnfm_id="vnfm-z" if wrong_vnfm else None,
+                    )
+                )
+            case ("tick", seconds):
+                now += timedelta(seconds=seconds)
+                feed(Tick())
+            case ("again", index) if fed:
+                feed(fed[index % len(fed)])
+            case _:
+                pass
+    now += timedelta(seconds=60)
+    feed(Tick())
+
+    moved = of_type(tuple(emitted), BusinessMoved)
+    key_of = {
+        business_moved_id(CAMPAIGN, node, attempt): (node, attempt) for node, attempt in requested
+    }
+    per_attempt = Counter(key_of[m.event_id] for m in moved)
+    assert all(count == 1 for count in per_attempt.values()), per_attempt
+    # the latest attempt of every requested node is always reported
+    for node in {node for node, _ in requested}:
+        latest = max(attempt for n, attempt in requested if n == node)
+        assert (node, latest) in per_attempt, (node, latest)
+    for m in moved:
+        vm_ids = [o.vm_id for o in m.outcomes]
+        assert len(vm_ids) == len(set(vm_ids))
+        assert set(vm_ids) == requested[key_of[m.event_id]]
