@@ -534,7 +534,10 @@ def broker(
     raise typer.Exit(code)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
 def world(ctx: typer.Context) -> None:
     """Run the simulated cloud (options: --port --nodes --domains --seed --speed ...)."""
     from escalator.world import main as world_main
@@ -542,7 +545,10 @@ def world(ctx: typer.Context) -> None:
     raise typer.Exit(world_main(list(ctx.args)))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
 def serve(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],

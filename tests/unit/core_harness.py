@@ -607,6 +607,7 @@ class Sim:
             else:
                 assert record is before.nodes[node_id], f"{node_id} changed unannounced"
         assert (after.campaign is not before.campaign) == decision.campaign_changed
+        assert after.plan is before.plan and not decision.plan_changed, "the plan is written once"
 
     def check_invariants(self, ctx: Context, decision: Decision) -> None:
         state = decision.state

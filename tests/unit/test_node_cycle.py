@@ -110,6 +110,7 @@ def test_start_claims_up_to_max_parallel_in_node_order_with_full_envelopes() -> 
         assert claim.producer == "upgrade-manager" and claim.occurred_at == T0
     assert d.step("n3") is NodeStep.PENDING
     assert d.last.changed_nodes == {"n1", "n2", "n3"} and d.last.campaign_changed
+    assert d.last.plan_changed
 
 
 def test_null_node_list_means_every_known_node_sorted() -> None:
@@ -579,7 +580,8 @@ def test_records_not_changed_keep_their_identity() -> None:
     assert after is not None
     assert d.last.changed_nodes == {"n1"} and not d.last.campaign_changed
     assert after.nodes["n2"] is before.nodes["n2"] and after.nodes["n3"] is before.nodes["n3"]
-    assert after.campaign is before.campaign
+    assert after.campaign is before.campaign and after.plan is before.plan
+    assert not d.last.plan_changed
     assert d.tick(1) == [] and d.state is after
 
 
@@ -610,9 +612,16 @@ def test_a_10000_node_campaign_keeps_every_record_far_under_1_mb() -> None:
     d = Driver(nodes)
     d.start(max_parallel=50)
     assert d.state is not None
+    plan = d.state.plan
     d.enter(nodes[0], [vm(f"vm-{j:04d}", f"vnf-{j % 20}") for j in range(200)])
-    campaign_size = len(d.state.campaign.model_dump_json())
+    plan_size = len(d.state.plan.model_dump_json())
+    status_size = len(d.state.campaign.model_dump_json())
     largest_node = max(len(r.model_dump_json()) for r in d.state.nodes.values())
-    assert campaign_size < 300_000, campaign_size  # node order: ~25 bytes a node
+    assert plan_size < 300_000, plan_size  # node order: ~25 bytes a node, written once
+    assert status_size < 2_000, status_size  # 50 active node ids and counters
     assert largest_node < 50_000, largest_node  # a node with 200 VMs
-    assert d.last.changed_nodes == {nodes[0]}
+    assert d.last.changed_nodes == {nodes[0]} and not d.last.plan_changed
+    assert d.state.plan is plan
+    # Finishing a node rewrites the small status record, never the plan.
+    d.tick(10_000)
+    assert d.state.plan is plan

@@ -1,7 +1,8 @@
 """The Upgrade Manager's pure decision core: `decide(state, input, ctx) -> Decision`.
 
-No I/O, no clock, no randomness. The adapter owns persistence (one record per node plus one per
-campaign, written back only when `Decision` says it changed), publishing, heartbeats and Ticks.
+No I/O, no clock, no randomness. The adapter owns persistence (per campaign: the plan, written
+once; a small status record; one record per node; each written back only when `Decision` says it
+changed), publishing, heartbeats and Ticks. `rebuild` reassembles a campaign from its records.
 """
 
 from .campaign import Selection, decide, recover, select_next
@@ -9,6 +10,7 @@ from .node_cycle import BACKSTOP_GRACE
 from .state import (
     IN_CYCLE_STEPS,
     AgentStatus,
+    CampaignPlan,
     CampaignRecord,
     CampaignState,
     CampaignStatus,
@@ -19,12 +21,14 @@ from .state import (
     PendingMigration,
     Sent,
     Tick,
+    rebuild,
 )
 
 __all__ = [
     "BACKSTOP_GRACE",
     "IN_CYCLE_STEPS",
     "AgentStatus",
+    "CampaignPlan",
     "CampaignRecord",
     "CampaignState",
     "CampaignStatus",
@@ -37,6 +41,7 @@ __all__ = [
     "Sent",
     "Tick",
     "decide",
+    "rebuild",
     "recover",
     "select_next",
 ]

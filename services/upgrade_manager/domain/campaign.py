@@ -37,6 +37,7 @@ from schemas.events import (
 from . import node_cycle as cycle
 from .commands import envelope, in_flight_commands, listing
 from .state import (
+    CampaignPlan,
     CampaignRecord,
     CampaignState,
     CampaignStatus,
@@ -77,7 +78,7 @@ def recover(state: CampaignState | None, ctx: Context) -> list[Event]:
     for node_id in state.campaign.active:
         node = state.nodes.get(node_id)
         if node is not None:
-            commands.extend(in_flight_commands(state.campaign, node))
+            commands.extend(in_flight_commands(state.plan, node))
     return commands
 
 
@@ -90,15 +91,12 @@ def on_upgrade_requested(
     fingerprint = request_fingerprint(request)
     if state is None:
         return start_campaign(request, fingerprint, ctx)
-    campaign = state.campaign
-    if request.event_id == campaign.request_id or request.event_id in campaign.refused_requests:
+    plan, campaign = state.plan, state.campaign
+    if request.event_id == plan.request_id or request.event_id in campaign.refused_requests:
         return Decision(state)  # a redelivery
-    if (
-        fingerprint == campaign.request_fingerprint
-        and campaign.status is not CampaignStatus.REJECTED
-    ):
+    if fingerprint == plan.request_fingerprint and campaign.status is not CampaignStatus.REJECTED:
         return Decision(state)  # the same request sent again (e.g. a CLI retry): already under way
-    if fingerprint == campaign.request_fingerprint:
+    if fingerprint == plan.request_fingerprint:
         reason = (
             f"campaign id {campaign.campaign_id} was rejected before ({campaign.reason}); "
             "use a new campaign id"
@@ -108,7 +106,7 @@ def on_upgrade_requested(
     refused = (*campaign.refused_requests, request.event_id)[-REFUSED_REQUESTS_KEPT:]
     updated = campaign.model_copy(update={"refused_requests": refused})
     return Decision(
-        CampaignState(updated, state.nodes),
+        CampaignState(plan, updated, state.nodes),
         (rejection(request, reason, ctx),),
         frozenset(),
         True,
@@ -120,39 +118,37 @@ def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) ->
     if campaign_id is None:
         return Decision(None)  # the schema allows it, but there is no campaign to start
     nodes, problem = campaign_nodes(request, ctx)
-    if problem:
-        record = CampaignRecord(
-            campaign_id=campaign_id,
-            status=CampaignStatus.REJECTED,
-            request_id=request.event_id,
-            request_fingerprint=fingerprint,
-            correlation_id=request.correlation_id or request.event_id,
-            policy=request.policy,
-            reason=problem,
-        )
-        return Decision(
-            CampaignState(record), (rejection(request, problem, ctx),), frozenset(), True
-        )
-    record = CampaignRecord(
+    plan = CampaignPlan(
         campaign_id=campaign_id,
-        status=CampaignStatus.RUNNING,
         request_id=request.event_id,
         request_fingerprint=fingerprint,
         correlation_id=request.correlation_id or request.event_id,
-        manifest=request.manifest,
+        manifest=None if problem else request.manifest,
         policy=request.policy,
         node_order=nodes,
     )
+    if problem:
+        record = CampaignRecord(
+            campaign_id=campaign_id, status=CampaignStatus.REJECTED, reason=problem
+        )
+        return Decision(
+            CampaignState(plan, record),
+            (rejection(request, problem, ctx),),
+            frozenset(),
+            True,
+            True,
+        )
+    record = CampaignRecord(campaign_id=campaign_id, status=CampaignStatus.RUNNING)
     started = CampaignStarted(
-        **envelope(record, command_id(campaign_id, "started"), ctx.now, request.event_id),
+        **envelope(plan, command_id(campaign_id, "started"), ctx.now, request.event_id),
         target_version=request.manifest.version,
         nodes=nodes,
     )
-    fresh = CampaignState(record, {node_id: NodeRecord(node_id=node_id) for node_id in nodes})
+    fresh = CampaignState(plan, record, {node_id: NodeRecord(node_id=node_id) for node_id in nodes})
     txn = Txn(fresh, ctx, request)
     advance_campaign(txn)
     first = txn.decision()
-    return Decision(first.state, (started, *first.commands), frozenset(nodes), True)
+    return Decision(first.state, (started, *first.commands), frozenset(nodes), True, True)
 
 
 def campaign_nodes(request: UpgradeRequested, ctx: Context) -> tuple[tuple[str, ...], str]:
@@ -255,18 +251,18 @@ class Selection:
 
 
 def select_next(
-    campaign: CampaignRecord, nodes: Mapping[str, NodeRecord], ctx: Context
+    plan: CampaignPlan, campaign: CampaignRecord, nodes: Mapping[str, NodeRecord], ctx: Context
 ) -> Selection:
     """Which nodes start now: the next PENDING ones in campaign order whose agent is live.
 
     Kept apart so that smarter planning (VNF anti-affinity, capacity) can replace it. A node whose
     agent is not live is passed over, never drained: it may hold VMs the VIM cannot upgrade under.
     """
-    order = campaign.node_order
+    order = plan.node_order
     scan_from = campaign.scan_from
     while scan_from < len(order) and nodes[order[scan_from]].step is not NodeStep.PENDING:
         scan_from += 1
-    slots = campaign.policy.max_parallel - len(campaign.active)
+    slots = plan.policy.max_parallel - len(campaign.active)
     start: list[str] = []
     at_target: list[str] = []
     no_heartbeat: list[str] = []
@@ -276,9 +272,9 @@ def select_next(
         if nodes[node_id].step is not NodeStep.PENDING:
             continue
         agent = ctx.agents.get(node_id)
-        if agent is None or not agent.is_live(ctx.now, campaign.policy.agent_liveness_s):
+        if agent is None or not agent.is_live(ctx.now, plan.policy.agent_liveness_s):
             no_heartbeat.append(node_id)
-        elif agent.installed_version == campaign.target_version:
+        elif agent.installed_version == plan.target_version:
             at_target.append(node_id)
         else:
             start.append(node_id)
@@ -288,9 +284,9 @@ def select_next(
 
 def fill_slots(txn: Txn) -> None:
     campaign = txn.campaign
-    if len(campaign.active) >= campaign.policy.max_parallel:
+    if len(campaign.active) >= txn.policy.max_parallel:
         return
-    selection = select_next(campaign, txn.nodes, txn.ctx)
+    selection = select_next(txn.plan, campaign, txn.nodes, txn.ctx)
     txn.update_campaign(scan_from=selection.scan_from)
     for node_id in selection.no_heartbeat:
         cycle.mark_blocked(txn, _node(txn, node_id), cycle.NO_HEARTBEAT)
@@ -305,7 +301,7 @@ def advance_campaign(txn: Txn) -> None:
     if campaign.status is CampaignStatus.RUNNING:
         fill_slots(txn)
         campaign = txn.campaign
-        if campaign.finished == len(campaign.node_order):
+        if campaign.finished == len(txn.plan.node_order):
             txn.update_campaign(status=CampaignStatus.COMPLETED)
             txn.emit(
                 CampaignCompleted(
@@ -329,7 +325,7 @@ def advance_campaign(txn: Txn) -> None:
 
 def _campaign_envelope(txn: Txn, what: str) -> dict[str, Any]:
     event_id = command_id(txn.campaign.campaign_id, what)
-    return envelope(txn.campaign, event_id, txn.ctx.now, txn.cause_id)
+    return envelope(txn.plan, event_id, txn.ctx.now, txn.cause_id)
 
 
 def _node(txn: Txn, node_id: str) -> NodeRecord:

@@ -21,7 +21,7 @@ from schemas.events import (
 )
 from schemas.types import VmRef
 
-from .state import CampaignRecord, NodeRecord, PendingMigration, Sent
+from .state import CampaignPlan, NodeRecord, PendingMigration, Sent
 
 PRODUCER = "upgrade-manager"
 # The id segment of the NodeAvailable notice (it belongs to no waiting step).
@@ -30,40 +30,36 @@ DETAIL_MAX = 2000
 
 
 def envelope(
-    campaign: CampaignRecord, event_id: uuid.UUID, at: datetime, cause: uuid.UUID | None
+    plan: CampaignPlan, event_id: uuid.UUID, at: datetime, cause: uuid.UUID | None
 ) -> dict[str, Any]:
     return {
         "event_id": event_id,
-        "campaign_id": campaign.campaign_id,
-        "correlation_id": campaign.correlation_id,
+        "campaign_id": plan.campaign_id,
+        "correlation_id": plan.correlation_id,
         "causation_id": cause,
         "producer": PRODUCER,
         "occurred_at": at,
     }
 
 
-def step_command_id(
-    campaign: CampaignRecord, node_id: str, step: NodeStep, attempt: int
-) -> uuid.UUID:
-    return command_id(campaign.campaign_id, node_id, step.value, attempt)
+def step_command_id(plan: CampaignPlan, node_id: str, step: NodeStep, attempt: int) -> uuid.UUID:
+    return command_id(plan.campaign_id, node_id, step.value, attempt)
 
 
-def migration_command_id(campaign: CampaignRecord, node_id: str, m: PendingMigration) -> uuid.UUID:
-    return command_id(
-        campaign.campaign_id, node_id, NodeStep.MIGRATING.value, m.sent.attempt, m.vm_id
-    )
+def migration_command_id(plan: CampaignPlan, node_id: str, m: PendingMigration) -> uuid.UUID:
+    return command_id(plan.campaign_id, node_id, NodeStep.MIGRATING.value, m.sent.attempt, m.vm_id)
 
 
-def _env(campaign: CampaignRecord, node_id: str, step: NodeStep, sent: Sent) -> dict[str, Any]:
-    event_id = step_command_id(campaign, node_id, step, sent.attempt)
-    return envelope(campaign, event_id, sent.at, sent.cause)
+def _env(plan: CampaignPlan, node_id: str, step: NodeStep, sent: Sent) -> dict[str, Any]:
+    event_id = step_command_id(plan, node_id, step, sent.attempt)
+    return envelope(plan, event_id, sent.at, sent.cause)
 
 
-def claim_command(campaign: CampaignRecord, node_id: str, sent: Sent) -> NodeMaintenanceRequested:
+def claim_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeMaintenanceRequested:
     return NodeMaintenanceRequested(
-        **_env(campaign, node_id, NodeStep.CLAIMING, sent),
+        **_env(plan, node_id, NodeStep.CLAIMING, sent),
         node_id=node_id,
-        holder=campaign.campaign_id,
+        holder=plan.campaign_id,
         attempt=sent.attempt,
     )
 
@@ -75,10 +71,10 @@ def vms_to_notify(node: NodeRecord) -> tuple[VmRef, ...]:
     )
 
 
-def notify_command(campaign: CampaignRecord, node: NodeRecord, sent: Sent) -> BusinessMoveRequested:
+def notify_command(plan: CampaignPlan, node: NodeRecord, sent: Sent) -> BusinessMoveRequested:
     assert node.vnfm_deadline is not None, "NOTIFYING always records the VNFM deadline"
     return BusinessMoveRequested(
-        **_env(campaign, node.node_id, NodeStep.NOTIFYING, sent),
+        **_env(plan, node.node_id, NodeStep.NOTIFYING, sent),
         node_id=node.node_id,
         vms=vms_to_notify(node),
         deadline=node.vnfm_deadline,
@@ -86,13 +82,11 @@ def notify_command(campaign: CampaignRecord, node: NodeRecord, sent: Sent) -> Bu
     )
 
 
-def migrate_command(
-    campaign: CampaignRecord, node_id: str, m: PendingMigration
-) -> VmMigrationRequested:
+def migrate_command(plan: CampaignPlan, node_id: str, m: PendingMigration) -> VmMigrationRequested:
     # No destination on purpose: placement is the Cloud Manager's, which knows capacity and
     # which nodes are in maintenance at the moment it places.
     return VmMigrationRequested(
-        **envelope(campaign, migration_command_id(campaign, node_id, m), m.sent.at, m.sent.cause),
+        **envelope(plan, migration_command_id(plan, node_id, m), m.sent.at, m.sent.cause),
         vm_id=m.vm_id,
         node_id=node_id,
         destination_node_id=None,
@@ -100,43 +94,41 @@ def migrate_command(
     )
 
 
-def upgrade_command(campaign: CampaignRecord, node_id: str, sent: Sent) -> NodeUpgradeRequested:
-    assert campaign.manifest is not None, "a running campaign has a manifest"
+def upgrade_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeUpgradeRequested:
+    assert plan.manifest is not None, "a running campaign has a manifest"
     return NodeUpgradeRequested(
-        **_env(campaign, node_id, NodeStep.UPGRADING, sent),
+        **_env(plan, node_id, NodeStep.UPGRADING, sent),
         node_id=node_id,
-        manifest=campaign.manifest,
+        manifest=plan.manifest,
         attempt=sent.attempt,
     )
 
 
-def release_command(
-    campaign: CampaignRecord, node_id: str, sent: Sent
-) -> NodeMaintenanceExitRequested:
+def release_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeMaintenanceExitRequested:
     return NodeMaintenanceExitRequested(
-        **_env(campaign, node_id, NodeStep.RELEASING, sent),
+        **_env(plan, node_id, NodeStep.RELEASING, sent),
         node_id=node_id,
-        holder=campaign.campaign_id,
+        holder=plan.campaign_id,
         attempt=sent.attempt,
     )
 
 
-def in_flight_commands(campaign: CampaignRecord, node: NodeRecord) -> list[Event]:
+def in_flight_commands(plan: CampaignPlan, node: NodeRecord) -> list[Event]:
     """The commands a node in a waiting step is waiting on, rebuilt with their original ids."""
     if node.step is NodeStep.MIGRATING:
-        return [migrate_command(campaign, node.node_id, m) for m in node.migrations]
+        return [migrate_command(plan, node.node_id, m) for m in node.migrations]
     if node.sent is None:
         return []
     sent = node.sent
     match node.step:
         case NodeStep.CLAIMING:
-            return [claim_command(campaign, node.node_id, sent)]
+            return [claim_command(plan, node.node_id, sent)]
         case NodeStep.NOTIFYING:
-            return [notify_command(campaign, node, sent)]
+            return [notify_command(plan, node, sent)]
         case NodeStep.UPGRADING:
-            return [upgrade_command(campaign, node.node_id, sent)]
+            return [upgrade_command(plan, node.node_id, sent)]
         case NodeStep.RELEASING:
-            return [release_command(campaign, node.node_id, sent)]
+            return [release_command(plan, node.node_id, sent)]
         case _:
             return []
 

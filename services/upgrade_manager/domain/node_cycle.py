@@ -57,7 +57,7 @@ _Describe = Callable[[Sent], str]
 def start_claim(txn: Txn, node: NodeRecord) -> None:
     sent = txn.sent(txn.policy.step_timeout_s)
     node = txn.enter(node, NodeStep.CLAIMING, _claim_detail(sent), sent=sent)
-    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.emit(*in_flight_commands(txn.plan, node))
     txn.update_campaign(active=(*txn.campaign.active, node.node_id))
 
 
@@ -68,7 +68,7 @@ def mark_blocked(txn: Txn, node: NodeRecord, detail: str) -> None:
 
 
 def mark_already_at_target(txn: Txn, node: NodeRecord) -> None:
-    finish(txn, node, NodeStep.DONE, f"already at {txn.campaign.target_version}")
+    finish(txn, node, NodeStep.DONE, f"already at {txn.plan.target_version}")
 
 
 # --- CLAIMING ------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def begin_notify(txn: Txn, node: NodeRecord) -> None:
         f"{len(refs)} VM(s) until {clock(vnfm_deadline)}"
     )
     node = txn.enter(node, NodeStep.NOTIFYING, detail, sent=sent, vnfm_deadline=vnfm_deadline)
-    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.emit(*in_flight_commands(txn.plan, node))
 
 
 def on_business_moved(txn: Txn, node: NodeRecord, event: BusinessMoved) -> None:
@@ -164,7 +164,7 @@ def begin_migrations(txn: Txn, node: NodeRecord, vm_ids: list[str], note: str = 
     migrations = tuple(PendingMigration(vm_id=vm_id, sent=sent) for vm_id in vm_ids)
     detail = _migrating_detail(migrations) + note
     node = txn.enter(node, NodeStep.MIGRATING, detail, sent=None, migrations=migrations)
-    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.emit(*in_flight_commands(txn.plan, node))
 
 
 def on_vm_migrated(txn: Txn, node: NodeRecord, vm_id: str) -> None:
@@ -186,7 +186,7 @@ def on_vm_migration_failed(txn: Txn, node: NodeRecord, event: VmMigrationFailed)
     pending = _pending(node, event.vm_id)
     # Only the answer to the attempt in flight counts; an older attempt's failure is stale.
     if pending is None or event.causation_id != migration_command_id(
-        txn.campaign, node.node_id, pending
+        txn.plan, node.node_id, pending
     ):
         return
     retry_migration(txn, node, pending, f"VM {event.vm_id} could not be migrated: {event.reason}")
@@ -206,7 +206,7 @@ def retry_migration(txn: Txn, node: NodeRecord, pending: PendingMigration, why: 
     migrations = tuple(retry if m.vm_id == pending.vm_id else m for m in node.migrations)
     detail = f"{_migrating_detail(migrations)}; retrying {pending.vm_id} (attempt {attempt + 1})"
     node = txn.save(node.model_copy(update={"migrations": migrations, "detail": detail}))
-    txn.emit(migrate_command(txn.campaign, node.node_id, retry))
+    txn.emit(migrate_command(txn.plan, node.node_id, retry))
     return node
 
 
@@ -218,13 +218,13 @@ def begin_upgrade(txn: Txn, node: NodeRecord) -> None:
     node = txn.enter(
         node, NodeStep.UPGRADING, _upgrade_detail(txn, sent), sent=sent, upgrade_percent=None
     )
-    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.emit(*in_flight_commands(txn.plan, node))
 
 
 def on_upgrade_accepted(txn: Txn, node: NodeRecord) -> None:
     if node.step is not NodeStep.UPGRADING or node.upgrade_percent is not None:
         return  # a late or duplicate acceptance must not hide progress already reported
-    detail = f"node agent accepted the upgrade to {txn.campaign.target_version}"
+    detail = f"node agent accepted the upgrade to {txn.plan.target_version}"
     txn.save(node.model_copy(update={"detail": detail, "upgrade_percent": 0.0}))
 
 
@@ -233,13 +233,13 @@ def on_upgrade_progressed(txn: Txn, node: NodeRecord, event: NodeUpgradeProgress
         return
     if node.upgrade_percent is not None and event.percent <= node.upgrade_percent:
         return  # progress shown never goes backwards, whatever the delivery order
-    detail = f"upgrading to {txn.campaign.target_version}: {event.phase} ({event.percent:.0f}%)"
+    detail = f"upgrading to {txn.plan.target_version}: {event.phase} ({event.percent:.0f}%)"
     txn.save(node.model_copy(update={"detail": detail, "upgrade_percent": event.percent}))
 
 
 def on_upgraded(txn: Txn, node: NodeRecord, event: NodeUpgraded) -> None:
     # A success from any attempt is a fact; a different version is not the success we wait for.
-    if node.step is not NodeStep.UPGRADING or event.version != txn.campaign.target_version:
+    if node.step is not NodeStep.UPGRADING or event.version != txn.plan.target_version:
         return
     release(txn, node, NodeStep.DONE, f"upgraded to {event.version}")
 
@@ -247,14 +247,14 @@ def on_upgraded(txn: Txn, node: NodeRecord, event: NodeUpgraded) -> None:
 def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> None:
     if node.step is not NodeStep.UPGRADING or node.sent is None:
         return
-    current = step_command_id(txn.campaign, node.node_id, NodeStep.UPGRADING, node.sent.attempt)
+    current = step_command_id(txn.plan, node.node_id, NodeStep.UPGRADING, node.sent.attempt)
     if event.causation_id != current:
         return  # the failure of an attempt that was already re-sent
     finish(
         txn,
         node,
         NodeStep.FAILED,
-        f"upgrade to {txn.campaign.target_version} failed in {event.phase}: {event.reason}; "
+        f"upgrade to {txn.plan.target_version} failed in {event.phase}: {event.reason}; "
         + QUARANTINED,
     )
 
@@ -277,7 +277,7 @@ def release(txn: Txn, node: NodeRecord, outcome: NodeStep, reason: str) -> NodeR
         outcome=outcome,
         outcome_detail=reason,
     )
-    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.emit(*in_flight_commands(txn.plan, node))
     return node
 
 
@@ -290,7 +290,7 @@ def on_maintenance_exited(txn: Txn, node: NodeRecord) -> None:
         event_id = command_id(txn.campaign.campaign_id, node.node_id, AVAILABLE, 1)
         txn.emit(
             NodeAvailable(
-                **envelope(txn.campaign, event_id, txn.ctx.now, txn.cause_id),
+                **envelope(txn.plan, event_id, txn.ctx.now, txn.cause_id),
                 node_id=node.node_id,
                 vnf_ids=node.vnf_ids,
             )
@@ -358,7 +358,7 @@ def _resend(txn: Txn, node: NodeRecord, timeout_s: float, describe: _Describe) -
     if node.step is NodeStep.UPGRADING:
         update["upgrade_percent"] = None  # a new attempt reports its progress from zero
     node = txn.save(node.model_copy(update=update))
-    txn.emit(*in_flight_commands(txn.campaign, node))
+    txn.emit(*in_flight_commands(txn.plan, node))
 
 
 # --- the end of a cycle, and of the campaign's unstarted nodes -----------------------------
@@ -398,7 +398,7 @@ def _claim_detail(sent: Sent) -> str:
 
 def _upgrade_detail(txn: Txn, sent: Sent) -> str:
     return (
-        f"waiting for the node agent to install {txn.campaign.target_version} "
+        f"waiting for the node agent to install {txn.plan.target_version} "
         f"(attempt {sent.attempt}) until {clock(sent.deadline)}"
     )
 

@@ -1,9 +1,16 @@
 """What the decision core reads and returns: the persisted records, the context, the decision.
 
-The adapter persists one `NodeRecord` per node and one `CampaignRecord` per campaign, so that no
-single record grows with the campaign's VMs (Kafka refuses messages above 1 MB). Records are frozen
-pydantic models; a record a decision did not change is returned as the very same object, and the
-`Decision` names what changed so that only that is written back.
+The adapter persists, per campaign, one `CampaignPlan` (the request as accepted: manifest, policy,
+node order; written once, when the request is decided), one small `CampaignRecord` (status, slots,
+counters; rewritten as the campaign moves) and one `NodeRecord` per node, so that no record grows
+with the campaign's VMs (Kafka refuses messages above 1 MB) and a decision writes only small
+records: the plan of a 10,000-node campaign is about 250 KB, its status record a few hundred bytes.
+Records are frozen pydantic models; a record a decision did not change is returned as the very
+same object, and the `Decision` names what changed so that only that is written back.
+
+`rebuild()` puts a campaign back together from whatever records were persisted. The adapter writes
+a decision's records to separate places without a transaction, so a crash may keep some of them
+and lose others; `rebuild` re-derives everything the status record repeats about the nodes.
 """
 
 from __future__ import annotations
@@ -99,20 +106,31 @@ class NodeRecord(ValueModel):
         return tuple(dict.fromkeys(vm.vnf_id for vm in self.vms or () if vm.vnf_id is not None))
 
 
-class CampaignRecord(ValueModel):
-    """A campaign's request, status and counters; node details live in the node records."""
+class CampaignPlan(ValueModel):
+    """A campaign's request as decided: written once, never changed afterwards."""
 
     campaign_id: CampaignId
-    status: CampaignStatus
     request_id: uuid.UUID = Field(description="event_id of the accepted (or rejected) request.")
     request_fingerprint: str = Field(description="Digest of manifest, nodes and policy.")
     correlation_id: uuid.UUID
     manifest: VersionManifest | None = None
     policy: CampaignPolicy = Field(default_factory=CampaignPolicy)
     node_order: tuple[NodeId, ...] = ()
+
+    @property
+    def target_version(self) -> str:
+        return self.manifest.version if self.manifest is not None else ""
+
+
+class CampaignRecord(ValueModel):
+    """A campaign's status and counters: small, rewritten as nodes start and finish."""
+
+    campaign_id: CampaignId
+    status: CampaignStatus
     # Nodes holding a slot, in the order they were selected; Ticks only look at these.
     active: tuple[NodeId, ...] = ()
-    # Index in node_order before which no node is PENDING any more (selection starts there).
+    # Index in the plan's node_order before which no node is PENDING any more (selection
+    # starts there).
     scan_from: int = 0
     done: int = 0
     skipped: int = 0
@@ -125,17 +143,47 @@ class CampaignRecord(ValueModel):
     def finished(self) -> int:
         return self.done + self.skipped + self.failed
 
-    @property
-    def target_version(self) -> str:
-        return self.manifest.version if self.manifest is not None else ""
-
 
 @dataclass(frozen=True)
 class CampaignState:
-    """A campaign as the core sees it: its record plus one record per node."""
+    """A campaign as the core sees it: its plan, its status record and one record per node."""
 
+    plan: CampaignPlan
     campaign: CampaignRecord
     nodes: Mapping[str, NodeRecord] = field(default_factory=dict)
+
+
+def rebuild(
+    plan: CampaignPlan, campaign: CampaignRecord, nodes: Mapping[str, NodeRecord]
+) -> CampaignState:
+    """A campaign from persisted records that may not all come from the same decision.
+
+    A node of the plan without a record is PENDING. What the status record repeats about the
+    nodes (the nodes holding a slot, the counters, where selection starts) is derived again from
+    the node records, which are the truth for each node; status, reason and refused requests are
+    kept as persisted. Returns the records as given when they already agree.
+    """
+    if campaign.status.ended or not plan.node_order:
+        return CampaignState(plan, campaign, dict(nodes))
+    full = {n: nodes.get(n) or NodeRecord(node_id=n) for n in plan.node_order}
+    in_cycle = {node_id for node_id, record in full.items() if record.in_cycle}
+    active = tuple(n for n in campaign.active if n in in_cycle)
+    active += tuple(n for n in plan.node_order if n in in_cycle and n not in active)
+    steps = [record.step for record in full.values()]
+    scan_from = next(
+        (i for i, node_id in enumerate(plan.node_order) if full[node_id].step is NodeStep.PENDING),
+        len(plan.node_order),
+    )
+    derived = campaign.model_copy(
+        update={
+            "active": active,
+            "done": steps.count(NodeStep.DONE),
+            "skipped": steps.count(NodeStep.SKIPPED),
+            "failed": steps.count(NodeStep.FAILED),
+            "scan_from": min(campaign.scan_from, scan_from),
+        }
+    )
+    return CampaignState(plan, campaign if derived == campaign else derived, full)
 
 
 @dataclass(frozen=True)
@@ -178,3 +226,5 @@ class Decision:
     commands: tuple[Event, ...] = ()
     changed_nodes: frozenset[str] = frozenset()
     campaign_changed: bool = False
+    # True only for the decision that created the campaign (the plan is never rewritten).
+    plan_changed: bool = False

@@ -10,7 +10,15 @@ from schemas.envelope import Event, command_id
 from schemas.events import CampaignPolicy, NodeCycleAdvanced, NodeStep
 
 from .commands import clip, envelope
-from .state import CampaignRecord, CampaignState, Context, Decision, NodeRecord, Sent
+from .state import (
+    CampaignPlan,
+    CampaignRecord,
+    CampaignState,
+    Context,
+    Decision,
+    NodeRecord,
+    Sent,
+)
 
 
 class Txn:
@@ -23,6 +31,7 @@ class Txn:
 
     def __init__(self, state: CampaignState, ctx: Context, cause: Event | None) -> None:
         self._original = state
+        self.plan: CampaignPlan = state.plan
         self.campaign: CampaignRecord = state.campaign
         self._changed: dict[str, NodeRecord] = {}
         self.commands: list[Event] = []
@@ -35,7 +44,7 @@ class Txn:
 
     @property
     def policy(self) -> CampaignPolicy:
-        return self.campaign.policy
+        return self.plan.policy
 
     @property
     def nodes(self) -> Mapping[str, NodeRecord]:
@@ -78,7 +87,7 @@ class Txn:
         )
         self.emit(
             NodeCycleAdvanced(
-                **envelope(self.campaign, event_id, self.ctx.now, self.cause_id),
+                **envelope(self.plan, event_id, self.ctx.now, self.cause_id),
                 node_id=node.node_id,
                 step=node.step,
                 detail=detail,
@@ -100,7 +109,7 @@ class Txn:
         if self._changed:
             nodes = {**original.nodes, **self._changed}
         return Decision(
-            CampaignState(self.campaign, nodes),
+            CampaignState(self.plan, self.campaign, nodes),
             tuple(self.commands),
             frozenset(self._changed),
             changed_campaign,
