@@ -1,0 +1,91 @@
+"""`python -m services.cloud_manager --world URL`: the Cloud Manager over the simulated cloud.
+
+Kafka settings come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `ESCALATOR_KAFKA_*`); the
+Cloud Manager's own from `ESCALATOR_CLOUD_MANAGER_*`, overridden by the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.cloud_manager", description="Escalator Cloud Manager."
+    )
+    parser.add_argument("--world", help="simulated cloud URL (ESCALATOR_CLOUD_MANAGER_WORLD_URL)")
+    parser.add_argument("--instance-id", help="this instance, as event producer")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from pydantic import ValidationError
+
+    from services.cloud_manager.settings import CloudManagerSettings
+
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (("world_url", args.world), ("instance_id", args.instance_id))
+        if value is not None
+    }
+    try:
+        settings = CloudManagerSettings(**overrides)
+    except ValidationError as err:
+        print(f"cloud manager: bad settings:\n{err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(settings: Any) -> None:
+    from escalator.bus import EventPublisher, make_consumer, make_producer
+    from escalator.settings import KafkaSettings
+    from escalator.world.client import WorldClient
+    from services.cloud_manager.backends import WorldCloudBackend
+    from services.cloud_manager.service import bootstrap
+
+    kafka = KafkaSettings()
+    producer = make_producer(kafka)
+    consumer = make_consumer(kafka, settings.group_id)
+    world = WorldClient(settings.world_url)
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            service = bootstrap(
+                settings,
+                backend=WorldCloudBackend(
+                    world, migration_timeout_s=settings.migration_timeout_s, poll_s=settings.poll_s
+                ),
+                consumer=consumer,
+                publisher=EventPublisher(producer, kafka),
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, service.request_stop)
+            logging.getLogger(__name__).info("cloud manager %s starting", settings.instance_id)
+            await service.run()
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+        await world.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What the Cloud Manager needs from a cloud: maintenance claims, VM lists, live migration.
+
+Shaped so that an OpenStack backend over openstacksdk fits it one call for one call:
+
+- `claim_maintenance`: `compute.disable_service(service, disabled_reason=...)` on the host's
+  nova-compute, with the holder recorded in the reason (Nova has no compare-and-set: check
+  that the service is enabled, or already disabled with our reason, right before).
+- `release_maintenance`: `compute.enable_service(service)`, or back to the saved reason.
+- `list_vms`: `compute.servers(all_projects=True, host=node)`, plus
+  `compute.migrations(dest_compute=node, status="running")` for the incoming ones.
+- `migrate_vm`: `compute.live_migrate_server(server, host=destination, block_migration="auto")`,
+  then poll `compute.get_server` until its status leaves MIGRATING.
+- `vm_location`, `wait_vm_settled`: `compute.get_server(id).compute_host` and its task state.
+
+Refusals are typed exceptions (`CloudRefusal` subclasses), so that the service can tell "the
+cloud said no" (a reply) from "the cloud is unreachable" (`CloudUnavailable`: retry).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from schemas.types import VmOnNode
+from services.cloud_manager.domain import VmLocation
+
+
+class CloudError(Exception):
+    """Base of everything a backend raises on purpose."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CloudUnavailable(CloudError):
+    """The cloud could not be asked (network, 5xx): the same call may work later."""
+
+
+class CloudRefusal(CloudError):
+    """The cloud answered no; `current_holder` names who holds the node, when it matters."""
+
+    def __init__(self, reason: str, current_holder: str | None = None) -> None:
+        super().__init__(reason)
+        self.current_holder = current_holder
+
+
+class ClaimRefused(CloudRefusal):
+    """The node is held by another holder, or an administrator disabled it."""
+
+
+class ReleaseRefused(CloudRefusal):
+    """Another holder has the node; only the holder may release it."""
+
+
+class MigrationRefused(CloudRefusal):
+    """No valid destination, the VM is down, the destination refused it..."""
+
+
+class UnknownNode(CloudRefusal):
+    """No such node."""
+
+
+class CloudBackend(Protocol):
+    async def claim_maintenance(self, node_id: str, holder: str) -> str:
+        """Put the node in maintenance for `holder` (compare-and-set; the same holder may claim
+        again). Returns the scheduling status it had before the first claim. Raises
+        `ClaimRefused` or `UnknownNode`."""
+        ...
+
+    async def release_maintenance(self, node_id: str, holder: str) -> str:
+        """Take the node out of `holder`'s maintenance, restoring the prior status, which it
+        returns. A node nobody holds is already released: its status is returned. Raises
+        `ReleaseRefused` if another holder has it, `UnknownNode`."""
+        ...
+
+    async def list_vms(self, node_id: str) -> list[VmOnNode]:
+        """VMs on the node, then migrations under way toward it (`incoming=True`)."""
+        ...
+
+    async def migrate_vm(self, vm_id: str, source: str, destination: str | None) -> str:
+        """Live-migrate the VM off `source` (to `destination`, or where the cloud places it)
+        and wait until it finished; returns the node the VM is on then. Raises
+        `MigrationRefused`."""
+        ...
+
+    async def vm_location(self, vm_id: str) -> VmLocation | None:
+        """Where the VM is and where it migrates to; None if it does not exist."""
+        ...
+
+    async def wait_vm_settled(self, vm_id: str) -> VmLocation | None:
+        """Wait until the VM is not migrating; returns where it is then."""
+        ...

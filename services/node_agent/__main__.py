@@ -1,0 +1,104 @@
+"""`python -m services.node_agent --node-id N --world URL`: one agent process per node.
+
+Kafka settings come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `ESCALATOR_KAFKA_*`); the
+agent's own from `ESCALATOR_NODE_AGENT_*`, overridden by the flags. Heavy imports (aiokafka,
+aiohttp) happen only once the arguments are parsed, so `--help` and bad flags stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.node_agent", description="Escalator node agent (one per node)."
+    )
+    parser.add_argument("--node-id", help="node to serve (ESCALATOR_NODE_AGENT_NODE_ID)")
+    parser.add_argument("--world", help="simulated cloud URL (ESCALATOR_NODE_AGENT_WORLD_URL)")
+    parser.add_argument("--heartbeat-interval-s", type=float, help="seconds between heartbeats")
+    parser.add_argument("--reboot-s", type=float, help="nominal reboot duration of an upgrade")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from pydantic import ValidationError
+
+    from services.node_agent.settings import NodeAgentSettings
+
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("node_id", args.node_id),
+            ("world_url", args.world),
+            ("heartbeat_interval_s", args.heartbeat_interval_s),
+            ("reboot_s", args.reboot_s),
+        )
+        if value is not None
+    }
+    try:
+        settings = NodeAgentSettings(**overrides)
+    except ValidationError as err:
+        print(f"node agent: bad settings:\n{err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(settings: Any) -> None:
+    from escalator.bus import EventPublisher, make_consumer, make_producer
+    from escalator.settings import KafkaSettings
+    from escalator.world.client import WorldClient
+    from schemas.envelope import utcnow
+    from services.node_agent.executors import SimulatedExecutor
+    from services.node_agent.service import bootstrap
+
+    kafka = KafkaSettings()
+    producer = make_producer(kafka)
+    consumer = make_consumer(kafka, settings.group_id)
+    world = WorldClient(settings.world_url)
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            service = bootstrap(
+                settings,
+                executor=SimulatedExecutor(
+                    world,
+                    settings.node_id,
+                    reboot_s=settings.reboot_s,
+                    timeout_s=settings.apply_timeout_s,
+                ),
+                consumer=consumer,
+                publisher=EventPublisher(producer, kafka),
+                clock=utcnow,
+            )
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, service.request_stop)
+            logging.getLogger(__name__).info("node agent for %s starting", settings.node_id)
+            await service.run()
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+        await world.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""`SimulatedExecutor`: applies a version to a node of the simulated cloud (the world)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from escalator.world.client import WorldClient, WorldError
+from escalator.world.model import NodeView, RebootRecord
+from schemas.types import VersionManifest
+from services.node_agent.ports import ApplyFailed, ApplyResult, ApplySucceeded, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A world that cannot be reached is retried this long before the apply is reported failed.
+UNREACHABLE_GRACE_S = 30.0
+
+
+def manifest_problems(manifest: VersionManifest) -> list[str]:
+    """What makes a manifest unfit to install, beyond what its schema already checks."""
+    problems: list[str] = []
+    names = [f.name for f in manifest.files]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"files repeat: {', '.join(duplicates)}")
+    for name in names:
+        # A file name is installed as-is: it must not climb out of the install directory.
+        if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+            problems.append(f"file name {name!r} is a path, not a name")
+    return problems
+
+
+class SimulatedExecutor:
+    """Upgrades one world node by rebooting it into the new version.
+
+    The world keeps the latest reboot record of a node, so after a crash of the agent the
+    record tells whether a reboot toward the target is under way: then it is waited for, not
+    started again (one request never yields two successful applies).
+    """
+
+    def __init__(
+        self,
+        world: WorldClient,
+        node_id: str,
+        *,
+        reboot_s: float | None = None,
+        timeout_s: float = 600.0,
+        poll_s: float = 0.05,
+    ) -> None:
+        self._world = world
+        self._node_id = node_id
+        self._reboot_s = reboot_s
+        self._timeout_s = timeout_s
+        self._poll_s = poll_s
+
+    async def installed_version(self) -> str:
+        return (await self._node()).installed_version
+
+    async def apply(self, manifest: VersionManifest, on_progress: ProgressCallback) -> ApplyResult:
+        target = manifest.version
+        problems = manifest_problems(manifest)
+        if problems:
+            return ApplyFailed(reason="; ".join(problems), phase="verify")
+        await on_progress("verified", 10.0)
+        node = await self._node()
+        record = node.reboot
+        resuming = (
+            node.power == "rebooting"
+            and record is not None
+            and record.state == "in_progress"
+            and record.target_version == target
+        )
+        if resuming:
+            log.info("%s: a reboot to %s is already under way; waiting for it", node.id, target)
+            await on_progress("rebooting (resumed)", 30.0)
+        else:
+            if node.installed_version == target:
+                return ApplySucceeded(version=target, started_here=False)
+            if node.power == "rebooting":
+                # Someone else's reboot (not toward our target): let it end, then start ours.
+                await on_progress("waiting for an earlier reboot", 20.0)
+                await self._wait_reboot()
+            try:
+                record = await self._world.reboot_node(
+                    self._node_id, duration_s=self._reboot_s, version=target
+                )
+            except WorldError as err:
+                if err.status == 0 or err.status >= 500:
+                    raise
+                return ApplyFailed(
+                    reason=f"reboot refused: {err.message}",
+                    phase="reboot",
+                    installed_version=node.installed_version,
+                )
+            await on_progress("rebooting", 30.0)
+        try:
+            finished = await self._wait_reboot()
+        except TimeoutError as err:
+            return ApplyFailed(reason=str(err), phase="reboot")
+        if finished.state != "succeeded":
+            return ApplyFailed(
+                reason=f"reboot #{finished.sequence} to {target} failed",
+                phase="reboot",
+                installed_version=finished.previous_version,
+            )
+        node = await self._node()
+        if node.installed_version != target:
+            return ApplyFailed(
+                reason=f"node runs {node.installed_version} after rebooting into {target}",
+                phase="verify-version",
+                installed_version=node.installed_version,
+            )
+        await on_progress("rebooted", 90.0)
+        return ApplySucceeded(version=target, started_here=not resuming)
+
+    async def _wait_reboot(self) -> RebootRecord:
+        return await self._retrying(
+            lambda: self._world.wait_reboot_finished(
+                self._node_id, timeout_s=self._timeout_s, poll_s=self._poll_s
+            )
+        )
+
+    async def _node(self) -> NodeView:
+        return await self._retrying(lambda: self._world.node(self._node_id))
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Ride out a short unreachability of the world (status 0): a node agent must not
+        report a failure just because its API blinked."""
+        deadline = time.monotonic() + UNREACHABLE_GRACE_S
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except WorldError as err:
+                if err.status != 0 or time.monotonic() > deadline:
+                    raise
+                log.warning("world unreachable (%s); retrying in %.1fs", err.message, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)

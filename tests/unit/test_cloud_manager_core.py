@@ -1,0 +1,562 @@
+"""The Cloud Manager's core rules, the command flows over an in-memory cloud, the commit gate
+and the per-node ordering of background work (no broker, no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import pytest
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import TopicPartition
+
+from escalator.bus import EventPublisher
+from schemas.envelope import Event
+from schemas.events import (
+    NodeMaintenanceEntered,
+    NodeMaintenanceExited,
+    NodeMaintenanceExitRequested,
+    NodeMaintenanceRefused,
+    NodeMaintenanceRequested,
+    VmListReported,
+    VmListRequested,
+    VmMigrated,
+    VmMigrationFailed,
+    VmMigrationRequested,
+)
+from schemas.topics import CLOUD_EVENTS
+from schemas.types import VmOnNode
+from services.cloud_manager import domain
+from services.cloud_manager.domain import (
+    MAX_MIGRATION_ROUNDS,
+    Claimed,
+    ClaimRefused,
+    ListVms,
+    Released,
+    ReleaseRefused,
+    Reply,
+    ReplyContext,
+    StartMigration,
+    VmLocation,
+    WaitForMigration,
+)
+from services.cloud_manager.lanes import NodeLanes
+from services.cloud_manager.offsets import CommitGate
+from services.cloud_manager.ports import (
+    ClaimRefused as ClaimRefusedError,
+)
+from services.cloud_manager.ports import (
+    CloudUnavailable,
+    MigrationRefused,
+    UnknownNode,
+)
+from services.cloud_manager.ports import (
+    ReleaseRefused as ReleaseRefusedError,
+)
+from services.cloud_manager.service import CloudManagerService, CommandFailed, GroupConsumer
+from services.cloud_manager.settings import CloudManagerSettings
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
+CTX = ReplyContext(producer="cloud-manager/0", now=NOW)
+NODE = "compute-0-01"
+CAMPAIGN = "cmp-1"
+VM_A = VmOnNode(vm_id="vm-a", vnf_id="vnf-1", vcpus=2, ram_mb=2048)
+
+
+def claim(holder: str = CAMPAIGN, attempt: int = 1) -> NodeMaintenanceRequested:
+    return NodeMaintenanceRequested(
+        campaign_id=CAMPAIGN, node_id=NODE, holder=holder, attempt=attempt
+    )
+
+
+def exit_(holder: str = CAMPAIGN, attempt: int = 1) -> NodeMaintenanceExitRequested:
+    return NodeMaintenanceExitRequested(
+        campaign_id=CAMPAIGN, node_id=NODE, holder=holder, attempt=attempt
+    )
+
+
+def migration(
+    vm: str = "vm-a", destination: str | None = None, attempt: int = 1
+) -> VmMigrationRequested:
+    return VmMigrationRequested(
+        campaign_id=CAMPAIGN,
+        vm_id=vm,
+        node_id=NODE,
+        destination_node_id=destination,
+        attempt=attempt,
+    )
+
+
+def assert_reply_to(event: Event, cmd: Event) -> None:
+    assert event.causation_id == cmd.event_id
+    assert event.campaign_id == cmd.campaign_id
+    assert event.correlation_id == cmd.correlation_id
+    assert event.producer == CTX.producer and event.occurred_at == NOW
+    assert CLOUD_EVENTS.carries(event.event_type)
+    assert CLOUD_EVENTS.key_for(event) == CAMPAIGN.encode()
+
+
+def reply_of(step: object) -> Event:
+    assert isinstance(step, Reply), step
+    return step.event
+
+
+# --- maintenance rules ---------------------------------------------------------------------
+
+
+def test_claimed_node_is_listed_after_the_claim_then_entered() -> None:
+    cmd = claim()
+    step = domain.after_claim(cmd, Claimed("enabled"), CTX)
+    assert step == ListVms(node_id=NODE, prior_status="enabled")
+    assert isinstance(step, ListVms)
+    event = reply_of(domain.maintenance_entered(cmd, step, [VM_A], CTX))
+    assert isinstance(event, NodeMaintenanceEntered)
+    assert event.vms == (VM_A,) and event.prior_status == "enabled"
+    assert_reply_to(event, cmd)
+
+
+def test_refused_claim_names_the_holder() -> None:
+    cmd = claim()
+    event = reply_of(domain.after_claim(cmd, ClaimRefused("held by cmp-0", "cmp-0"), CTX))
+    assert isinstance(event, NodeMaintenanceRefused)
+    assert (event.reason, event.current_holder) == ("held by cmp-0", "cmp-0")
+    assert_reply_to(event, cmd)
+
+
+def test_release_gives_exited_with_the_restored_status() -> None:
+    cmd = exit_()
+    event = reply_of(domain.after_release(cmd, Released("disabled"), CTX))
+    assert isinstance(event, NodeMaintenanceExited) and event.restored_status == "disabled"
+    assert_reply_to(event, cmd)
+
+
+def test_release_refused_answers_the_exit_with_a_refusal() -> None:
+    cmd = exit_(holder="cmp-9")
+    event = reply_of(domain.after_release(cmd, ReleaseRefused("held by cmp-1", CAMPAIGN), CTX))
+    assert isinstance(event, NodeMaintenanceRefused)
+    assert event.reason.startswith("release refused") and event.current_holder == CAMPAIGN
+    assert_reply_to(event, cmd)
+
+
+def test_vm_list_is_reported() -> None:
+    cmd = VmListRequested(campaign_id=CAMPAIGN, node_id=NODE)
+    incoming = VM_A.model_copy(update={"vm_id": "vm-b", "incoming": True})
+    event = reply_of(domain.vm_list_reported(cmd, [VM_A, incoming], CTX))
+    assert isinstance(event, VmListReported) and event.vms == (VM_A, incoming)
+    assert_reply_to(event, cmd)
+
+
+def test_reply_ids_are_stable_per_command_and_differ_by_kind() -> None:
+    cmd = claim()
+    listed = ListVms(NODE, "enabled")
+    a = reply_of(domain.maintenance_entered(cmd, listed, [], CTX))
+    b = reply_of(domain.maintenance_entered(cmd, listed, [], CTX))
+    refused = reply_of(domain.after_claim(cmd, ClaimRefused("x"), CTX))
+    other = reply_of(domain.maintenance_entered(claim(attempt=2), listed, [], CTX))
+    assert a.event_id == b.event_id
+    assert len({a.event_id, refused.event_id, other.event_id}) == 3
+
+
+# --- migration rules -----------------------------------------------------------------------
+
+
+def test_vm_idle_on_the_source_is_migrated() -> None:
+    cmd = migration(destination="compute-0-02")
+    step = domain.next_migration_step(cmd, VmLocation("vm-a", NODE), CTX)
+    assert step == StartMigration("vm-a", NODE, "compute-0-02")
+
+
+def test_vm_no_longer_on_the_source_is_reported_migrated_again() -> None:
+    cmd = migration()
+    event = reply_of(domain.next_migration_step(cmd, VmLocation("vm-a", "compute-0-05"), CTX))
+    assert isinstance(event, VmMigrated)
+    assert (event.vm_id, event.node_id, event.destination_node_id) == (
+        "vm-a",
+        NODE,
+        "compute-0-05",
+    )
+    assert_reply_to(event, cmd)
+
+
+@pytest.mark.parametrize(
+    "location",
+    [VmLocation("vm-a", NODE, "compute-0-05"), VmLocation("vm-a", "compute-0-05", NODE)],
+    ids=["leaving the source", "coming toward the source"],
+)
+def test_a_migration_under_way_is_waited_for(location: VmLocation) -> None:
+    step = domain.next_migration_step(migration(), location, CTX)
+    assert step == WaitForMigration("vm-a")
+
+
+def test_a_migration_between_two_other_nodes_means_it_left_the_source() -> None:
+    location = VmLocation("vm-a", "compute-0-04", "compute-0-05")
+    event = reply_of(domain.next_migration_step(migration(), location, CTX))
+    assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-04"
+
+
+def test_refused_migration_of_an_idle_vm_on_the_source_fails() -> None:
+    cmd = migration()
+    step = domain.next_migration_step(
+        cmd, VmLocation("vm-a", NODE), CTX, refused="no valid destination", rounds=1
+    )
+    event = reply_of(step)
+    assert isinstance(event, VmMigrationFailed) and event.reason == "no valid destination"
+    assert_reply_to(event, cmd)
+
+
+def test_refused_but_meanwhile_migrating_is_waited_for_not_failed() -> None:
+    location = VmLocation("vm-a", NODE, "compute-0-05")
+    step = domain.next_migration_step(migration(), location, CTX, refused="already migrating")
+    assert step == WaitForMigration("vm-a")
+
+
+def test_unknown_vm_fails() -> None:
+    event = reply_of(domain.next_migration_step(migration(), None, CTX))
+    assert isinstance(event, VmMigrationFailed) and "does not exist" in event.reason
+
+
+def test_a_vm_that_keeps_moving_gives_up_after_the_round_limit() -> None:
+    moving = VmLocation("vm-a", NODE, "compute-0-05")
+    event = reply_of(
+        domain.next_migration_step(migration(), moving, CTX, rounds=MAX_MIGRATION_ROUNDS)
+    )
+    assert isinstance(event, VmMigrationFailed)
+    idle = VmLocation("vm-a", NODE)
+    event = reply_of(
+        domain.next_migration_step(migration(), idle, CTX, rounds=MAX_MIGRATION_ROUNDS)
+    )
+    assert isinstance(event, VmMigrationFailed)
+
+
+# --- the command flows over an in-memory cloud --------------------------------------------
+
+
+class FakeCloud:
+    """The world's semantics in a few lines: CAS claims, saved status, instant migrations."""
+
+    def __init__(self) -> None:
+        self.status = {NODE: "enabled", "compute-0-02": "enabled", "compute-0-03": "disabled"}
+        self.holder: dict[str, str | None] = dict.fromkeys(self.status)
+        self.saved: dict[str, str] = {}
+        self.vms: dict[str, VmLocation] = {"vm-a": VmLocation("vm-a", NODE)}
+        self.calls: list[str] = []
+        self.unavailable = 0
+        self.refuse_migration: str | None = None
+
+    def _maybe_down(self) -> None:
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            raise CloudUnavailable("world unreachable")
+
+    def _node(self, node_id: str) -> None:
+        if node_id not in self.status:
+            raise UnknownNode(f"unknown node {node_id}")
+
+    async def claim_maintenance(self, node_id: str, holder: str) -> str:
+        self._maybe_down()
+        self._node(node_id)
+        self.calls.append(f"claim {node_id}")
+        current = self.holder[node_id]
+        if current == holder:
+            return self.saved[node_id]
+        if current is not None:
+            raise ClaimRefusedError(f"held by {current}", current)
+        if self.status[node_id] == "disabled":
+            raise ClaimRefusedError("disabled by an administrator")
+        self.saved[node_id], self.status[node_id] = self.status[node_id], "disabled"
+        self.holder[node_id] = holder
+        return self.saved[node_id]
+
+    async def release_maintenance(self, node_id: str, holder: str) -> str:
+        self._node(node_id)
+        self.calls.append(f"release {node_id}")
+        current = self.holder[node_id]
+        if current is None:
+            return self.status[node_id]
+        if current != holder:
+            raise ReleaseRefusedError(f"held by {current}", current)
+        self.status[node_id] = self.saved.pop(node_id)
+        self.holder[node_id] = None
+        return self.status[node_id]
+
+    async def list_vms(self, node_id: str) -> list[VmOnNode]:
+        self._node(node_id)
+        self.calls.append(f"list {node_id}")
+        return [
+            VmOnNode(vm_id=vm.vm_id, vcpus=1, ram_mb=512)
+            for vm in self.vms.values()
+            if vm.node_id == node_id
+        ]
+
+    async def migrate_vm(self, vm_id: str, source: str, destination: str | None) -> str:
+        self.calls.append(f"migrate {vm_id}")
+        if self.refuse_migration:
+            raise MigrationRefused(self.refuse_migration)
+        target = destination or "compute-0-02"
+        self.vms[vm_id] = VmLocation(vm_id, target)
+        return target
+
+    async def vm_location(self, vm_id: str) -> VmLocation | None:
+        return self.vms.get(vm_id)
+
+    async def wait_vm_settled(self, vm_id: str) -> VmLocation | None:
+        self.calls.append(f"wait {vm_id}")
+        vm = self.vms.get(vm_id)
+        if vm is not None and vm.migrating_to is not None:
+            vm = self.vms[vm_id] = VmLocation(vm_id, vm.migrating_to)
+        return vm
+
+
+def service_over(cloud: FakeCloud) -> CloudManagerService:
+    return CloudManagerService(
+        CloudManagerSettings(),
+        backend=cloud,
+        consumer=cast(GroupConsumer, None),
+        publisher=cast(EventPublisher, None),
+        clock=lambda: NOW,
+    )
+
+
+async def test_claim_then_reclaim_by_the_same_holder_enters_twice_with_the_prior_status() -> None:
+    cloud = FakeCloud()
+    service = service_over(cloud)
+    first = await service.reply_to(claim())
+    again = await service.reply_to(claim(attempt=2))
+    for event in (first, again):
+        assert isinstance(event, NodeMaintenanceEntered)
+        assert event.prior_status == "enabled"
+        assert [vm.vm_id for vm in event.vms] == ["vm-a"]
+    assert cloud.calls == [f"claim {NODE}", f"list {NODE}"] * 2
+
+
+async def test_claim_held_by_another_or_admin_disabled_or_unknown_is_refused() -> None:
+    cloud = FakeCloud()
+    service = service_over(cloud)
+    await service.reply_to(claim(holder="cmp-0"))
+    held = await service.reply_to(claim())
+    assert isinstance(held, NodeMaintenanceRefused) and held.current_holder == "cmp-0"
+    disabled = await service.reply_to(
+        NodeMaintenanceRequested(campaign_id=CAMPAIGN, node_id="compute-0-03", holder=CAMPAIGN)
+    )
+    assert isinstance(disabled, NodeMaintenanceRefused) and "administrator" in disabled.reason
+    unknown = await service.reply_to(
+        NodeMaintenanceRequested(campaign_id=CAMPAIGN, node_id="nope", holder=CAMPAIGN)
+    )
+    assert isinstance(unknown, NodeMaintenanceRefused) and "unknown node" in unknown.reason
+    # listed once, for cmp-0's claim: a refused claim never lists
+    assert cloud.calls.count(f"list {NODE}") == 1
+
+
+async def test_exit_restores_and_a_repeated_exit_is_exited_again() -> None:
+    cloud = FakeCloud()
+    service = service_over(cloud)
+    await service.reply_to(claim())
+    first = await service.reply_to(exit_())
+    again = await service.reply_to(exit_(attempt=2))
+    for event in (first, again):
+        assert isinstance(event, NodeMaintenanceExited) and event.restored_status == "enabled"
+    assert cloud.status[NODE] == "enabled" and cloud.holder[NODE] is None
+
+
+async def test_exit_by_someone_else_is_refused_and_keeps_the_claim() -> None:
+    cloud = FakeCloud()
+    service = service_over(cloud)
+    await service.reply_to(claim())
+    event = await service.reply_to(exit_(holder="cmp-9"))
+    assert isinstance(event, NodeMaintenanceRefused) and event.current_holder == CAMPAIGN
+    assert cloud.holder[NODE] == CAMPAIGN
+
+
+async def test_migration_then_its_duplicate_gives_the_same_destination_once() -> None:
+    cloud = FakeCloud()
+    service = service_over(cloud)
+    first = await service.reply_to(migration())
+    again = await service.reply_to(migration(attempt=2))
+    for event in (first, again):
+        assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-02"
+    assert cloud.calls.count("migrate vm-a") == 1
+
+
+async def test_migration_under_way_is_waited_for_instead_of_started_again() -> None:
+    cloud = FakeCloud()
+    cloud.vms["vm-a"] = VmLocation("vm-a", NODE, "compute-0-07")
+    event = await service_over(cloud).reply_to(migration())
+    assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-07"
+    assert cloud.calls == ["wait vm-a"]
+
+
+async def test_incoming_migration_lands_then_leaves() -> None:
+    cloud = FakeCloud()
+    cloud.vms["vm-a"] = VmLocation("vm-a", "compute-0-07", NODE)
+    event = await service_over(cloud).reply_to(migration())
+    assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-02"
+    assert cloud.calls == ["wait vm-a", "migrate vm-a"]
+
+
+async def test_refused_migration_fails_with_the_clouds_reason() -> None:
+    cloud = FakeCloud()
+    cloud.refuse_migration = "no valid destination for VM vm-a"
+    event = await service_over(cloud).reply_to(migration())
+    assert isinstance(event, VmMigrationFailed)
+    assert event.reason == "no valid destination for VM vm-a"
+
+
+async def test_listing_an_unknown_node_cannot_be_answered() -> None:
+    service = service_over(FakeCloud())
+    with pytest.raises(CommandFailed):
+        await service.reply_to(VmListRequested(campaign_id=CAMPAIGN, node_id="nope"))
+
+
+async def test_an_unreachable_cloud_is_retried_until_it_answers() -> None:
+    cloud = FakeCloud()
+    cloud.unavailable = 2
+    service = service_over(cloud)
+    event = await asyncio.wait_for(service._until_answered(claim()), 5)
+    assert isinstance(event, NodeMaintenanceEntered)
+
+
+# --- the commit gate -----------------------------------------------------------------------
+
+
+class RecordingConsumer:
+    def __init__(self, fail: int = 0) -> None:
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.fail = fail
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> Mapping[TopicPartition, Sequence[Any]]:
+        return {}
+
+    async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise KafkaConnectionError("broker away")
+        self.commits.append(dict(offsets or {}))
+
+
+TP = TopicPartition("t", 0)
+TP1 = TopicPartition("t", 1)
+
+
+async def test_gate_commits_only_below_held_work_and_catches_up_on_release() -> None:
+    consumer = RecordingConsumer()
+    gate = CommitGate(consumer)
+    gate.hold(TP, 3)
+    gate.hold(TP, 5)
+    await gate.commit({TP: 7})  # the loop handled 0..6
+    assert consumer.commits == [{TP: 3}]
+    await gate.release(TP, 5)  # a later command finished first: still capped by 3
+    assert consumer.commits == [{TP: 3}]
+    await gate.release(TP, 3)
+    assert consumer.commits == [{TP: 3}, {TP: 7}]
+    assert gate.committed(TP) == 7 and gate.held() == 0
+
+
+async def test_gate_never_commits_backwards_or_twice() -> None:
+    consumer = RecordingConsumer()
+    gate = CommitGate(consumer)
+    await gate.commit({TP: 4})
+    await gate.commit({TP: 4})
+    await gate.commit({TP: 2})
+    assert consumer.commits == [{TP: 4}]
+
+
+async def test_gate_release_before_the_loop_commit_waits_for_it() -> None:
+    consumer = RecordingConsumer()
+    gate = CommitGate(consumer)
+    await gate.commit({TP: 3})
+    gate.hold(TP, 3)
+    await gate.release(TP, 3)  # finished before the loop committed its batch
+    assert consumer.commits == [{TP: 3}]
+    await gate.commit({TP: 4})
+    assert consumer.commits[-1] == {TP: 4}
+
+
+async def test_gate_keeps_partitions_apart_and_survives_a_failed_commit() -> None:
+    consumer = RecordingConsumer(fail=1)
+    gate = CommitGate(consumer)
+    gate.hold(TP, 0)
+    await gate.commit({TP: 1, TP1: 9})  # fails: nothing recorded as committed
+    assert gate.committed(TP1) is None
+    await gate.commit({TP1: 9})
+    assert consumer.commits == [{TP1: 9}]
+    await gate.release(TP, 0)
+    assert consumer.commits[-1] == {TP: 1}
+
+
+async def test_gate_forgets_revoked_partitions_and_settles() -> None:
+    gate = CommitGate(RecordingConsumer())
+    gate.hold(TP, 1)
+    assert not await gate.settle([TP], timeout_s=0.05)
+    releasing = asyncio.create_task(gate.release(TP, 1))
+    assert await gate.settle([TP], timeout_s=1)
+    await releasing
+    gate.hold(TP, 2)
+    gate.forget([TP])
+    await gate.release(TP, 2)  # a late release for a revoked partition is a no-op
+    assert gate.held() == 0 and gate.safe_offset(TP) is None
+
+
+# --- per-node ordering ---------------------------------------------------------------------
+
+
+async def test_lanes_run_migrations_side_by_side_between_exclusive_commands() -> None:
+    lanes = NodeLanes()
+    log: list[str] = []
+    gates = {name: asyncio.Event() for name in ("claim", "m1", "m2", "exit")}
+
+    async def work(name: str, before: set[asyncio.Task[Any]]) -> None:
+        if before:
+            await asyncio.wait(before)
+        log.append(f"start {name}")
+        await gates[name].wait()
+        log.append(f"end {name}")
+
+    def admit(name: str, exclusive: bool, node: str = NODE) -> asyncio.Task[Any]:
+        before = lanes.prerequisites(node, exclusive=exclusive)
+        task = asyncio.create_task(work(name, before))
+        lanes.admitted(node, task, exclusive=exclusive)
+        return task
+
+    tasks = [admit("claim", True), admit("m1", False), admit("m2", False), admit("exit", True)]
+    await asyncio.sleep(0.01)
+    assert log == ["start claim"]
+    gates["claim"].set()
+    await asyncio.sleep(0.01)
+    assert log == ["start claim", "end claim", "start m1", "start m2"]  # side by side
+    gates["m2"].set()
+    await asyncio.sleep(0.01)
+    assert "start exit" not in log  # waits for m1 too
+    gates["m1"].set()
+    gates["exit"].set()
+    await asyncio.gather(*tasks)
+    assert log[-2:] == ["start exit", "end exit"]
+    assert len(lanes) == 0  # idle lanes are dropped
+
+
+async def test_lanes_of_different_nodes_do_not_wait_for_each_other() -> None:
+    lanes = NodeLanes()
+    blocker = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(blocker)
+    lanes.admitted(NODE, cast(asyncio.Task[Any], task), exclusive=True)
+    assert lanes.prerequisites("compute-0-02", exclusive=True) == set()
+    assert lanes.prerequisites(NODE, exclusive=False) == {task}
+    blocker.set_result(None)
+    await task
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ESCALATOR_CLOUD_MANAGER_WORLD_URL", "http://w:1")
+    monkeypatch.setenv("ESCALATOR_CLOUD_MANAGER_INSTANCE_ID", "cloud-manager/7")
+    settings = CloudManagerSettings()
+    assert (settings.world_url, settings.instance_id) == ("http://w:1", "cloud-manager/7")
+
+
+def test_unknown_ids_are_uuids() -> None:
+    assert isinstance(domain.reply_id(claim(), "entered"), uuid.UUID)
