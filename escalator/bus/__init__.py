@@ -6,6 +6,7 @@
 * `consumer`: `EventConsumer`, the at-least-once consume loop with dead-lettering and dedupe,
   and `BackgroundWork` for long work outside the poll loop.
 * `partitioning`: the Java-compatible default partitioner and manual own-partition assignment.
+* `offsets`: `CommitGate`, which holds commits back while background work is running.
 * `readback`: rebuilding state from compacted topics up to their high watermark.
 """
 
@@ -28,7 +29,9 @@ from escalator.bus.consumer import (
     RecordInfo,
     RecordPort,
     dead_letter_for,
+    is_transient_error,
 )
+from escalator.bus.offsets import CommitGate, PollingConsumer
 from escalator.bus.partitioning import assign_own_partition, partition_for_key, topic_partitions
 from escalator.bus.publisher import DeadLetterSink, EventPublisher, ProducerPort, event_headers
 from escalator.bus.readback import read_to_high_watermark, scan
@@ -38,11 +41,13 @@ __all__ = [
     "BackgroundWork",
     "BusMetrics",
     "ClientKwargs",
+    "CommitGate",
     "ConsumerPort",
     "DeadLetterSink",
     "EventConsumer",
     "EventPublisher",
     "Handler",
+    "PollingConsumer",
     "ProducerPort",
     "RecordInfo",
     "RecordPort",
@@ -51,6 +56,7 @@ __all__ = [
     "dead_letter_for",
     "ensure_topics",
     "event_headers",
+    "is_transient_error",
     "make_admin",
     "make_consumer",
     "make_producer",

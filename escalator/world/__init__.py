@@ -2,21 +2,14 @@
 
 Not an Escalator service: it owns nodes, VMs and VNFs in memory, serves them over HTTP, and
 keeps its own record of business interruptions.
+
+Import what you need from the submodules (`escalator.world.client` for `WorldClient`): this
+package imports nothing itself, so a node agent that only talks to the world does not load the
+server, the engine and the scenario generator.
 """
 
-from escalator.world.app import main, run_world
-from escalator.world.client import WorldClient, WorldError
-from escalator.world.engine import WorldEngine
-from escalator.world.model import WorldState
-from escalator.world.scenario import generate, vnf_registry_records
 
-__all__ = [
-    "WorldClient",
-    "WorldEngine",
-    "WorldError",
-    "WorldState",
-    "generate",
-    "main",
-    "run_world",
-    "vnf_registry_records",
-]
+def main(argv: list[str] | None = None) -> int:
+    from escalator.world.app import main as app_main
+
+    return app_main(argv)

@@ -24,6 +24,7 @@ from aiokafka.structs import TopicPartition
 
 from escalator.bus import BackgroundWork, EventConsumer, EventPublisher, RecordInfo
 from escalator.bus.consumer import HANDLER_ERROR, is_transient_error
+from escalator.bus.offsets import CommitGate, PollingConsumer
 from schemas.codec import encode
 from schemas.deadletter import DeadLetter
 from schemas.envelope import Event, utcnow
@@ -37,7 +38,6 @@ from schemas.topics import CLOUD_COMMANDS, CLOUD_EVENTS
 from services.cloud_manager import domain
 from services.cloud_manager.domain import ReplyContext
 from services.cloud_manager.lanes import NodeLanes, wait_quietly
-from services.cloud_manager.offsets import CommitGate, PollingConsumer
 from services.cloud_manager.ports import (
     ClaimRefused,
     CloudBackend,

@@ -28,9 +28,9 @@ from escalator.bus import (
     assign_own_partition,
 )
 from escalator.bus.consumer import is_transient_error
+from escalator.bus.offsets import CommitGate, PollingConsumer
 from schemas.events import NodeAgentHeartbeat, NodeUpgradeRequested
 from schemas.topics import NODE_COMMANDS, NODE_EVENTS, NODE_HEARTBEATS
-from services.cloud_manager.offsets import CommitGate, PollingConsumer
 from services.node_agent.domain import (
     AgentContext,
     AgentState,

@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from escalator.bus import EventPublisher
+from escalator.bus.offsets import CommitGate
 from schemas.envelope import Event
 from schemas.events import (
     NodeMaintenanceEntered,
@@ -44,7 +45,6 @@ from services.cloud_manager.domain import (
     WaitForMigration,
 )
 from services.cloud_manager.lanes import NodeLanes
-from services.cloud_manager.offsets import CommitGate
 from services.cloud_manager.ports import (
     ClaimRefused as ClaimRefusedError,
 )
