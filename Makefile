@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test unit lint typecheck demo broker clean fmt
+.PHONY: venv test test-tansu unit lint typecheck demo broker clean fmt
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -p no:cacheprovider
+
+# Everything that does not need Apache Kafka semantics, on the Python-only Tansu broker.
+test-tansu: venv
+	ESCALATOR_BROKER=tansu $(BIN)/python -m pytest -p no:cacheprovider -m "not real_kafka"
 
 unit: venv
 	$(BIN)/python -m pytest -m unit -q

@@ -491,7 +491,7 @@ def demo(
     ] = 900,
 ) -> None:
     """Upgrade a simulated cloud end to end: broker, world and every service as processes."""
-    from escalator.demo import DemoOptions, run, summary_table
+    from escalator.demo import DemoOptions, demo_succeeded, run, summary_table
 
     options = DemoOptions(
         nodes=nodes,
@@ -509,7 +509,7 @@ def demo(
         fail(f"demo failed: {exc}", code=1)
     out.print(summary_table(result))
     out.print(f"report: {options.report}", markup=False)
-    raise typer.Exit(0 if result["state"] == "completed" else 1)
+    raise typer.Exit(0 if demo_succeeded(result) else 1)
 
 
 # --- processes --------------------------------------------------------------------------------

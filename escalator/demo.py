@@ -288,6 +288,19 @@ async def run_campaign(
     }
 
 
+def demo_succeeded(report: dict[str, Any]) -> bool:
+    """Every node at the target version, zero interruptions, no VM lost."""
+    nodes = report["nodes"]
+    return (
+        report["state"] == "completed"
+        and nodes["at_target_version"] == nodes["total"] == nodes["upgraded"]
+        and report["business_interruptions"] == 0
+        and not report["vms"]["lost"]
+        and report["vms"]["before"] == report["vms"]["after"]
+        and not nodes["left_in_maintenance"]
+    )
+
+
 def summary_table(report: dict[str, Any]) -> Table:
     table = Table(title="escalator demo", title_justify="left", show_header=False)
     table.add_column("what")
