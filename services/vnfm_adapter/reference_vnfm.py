@@ -212,13 +212,16 @@ Send = Callable[[VnfBusinessMoved], Awaitable[None]]
 @dataclass
 class ReferenceVnfm:
     """Executes plans against the world. `send` publishes a reply; `silent` never replies (to
-    exercise the adapter's deadline); `reply_delay_s` waits before replying."""
+    exercise the adapter's deadline); `reply_delay_s` waits before replying. `ack_without_acting`
+    is a deliberately broken VNFM for negative-control tests: it claims every planned move was
+    made without doing it, so the world's monitor must see the business interrupted."""
 
     world: WorldClient
     vnfm_id: str
     send: Send
     reply_delay_s: float = 0.0
     silent: bool = False
+    ack_without_acting: bool = False
     clock: Callable[[], datetime] = utcnow
     # node -> (vnf, member) drained for that node's notices, restored on its NodeAvailable
     drained: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
@@ -259,8 +262,8 @@ class ReferenceVnfm:
         views = await self._views(a.vnf_id for a in notice.vnfs)
         done: list[VmPlan] = []
         for plan in plan_notice(notice, self.vnfm_id, views):
-            result = await self._execute(plan)
-            if result.action is WorldAction.DRAIN:
+            result = plan if self.ack_without_acting else await self._execute(plan)
+            if result.action is WorldAction.DRAIN and not self.ack_without_acting:
                 self.drained.setdefault(notice.node_id, set()).add((result.vnf_id, result.vm_id))
             log.info("%s: %s/%s -> %s (%s)", self.producer, *_vm(result), result.reason)
             done.append(result)
@@ -309,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-id", help="consumer group (default per VNFM id)")
     parser.add_argument("--reply-delay-s", type=float, help="wait before each reply")
     parser.add_argument("--silent", action="store_true", default=None, help="act, but never reply")
+    parser.add_argument(
+        "--ack-without-acting",
+        action="store_true",
+        default=None,
+        help="negative control: claim every move was made without making it",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -330,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             ("group_id", args.group_id),
             ("reply_delay_s", args.reply_delay_s),
             ("silent", args.silent),
+            ("ack_without_acting", args.ack_without_acting),
         )
         if value is not None
     }
@@ -378,6 +388,7 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
         send,
         reply_delay_s=settings.reply_delay_s,
         silent=settings.silent,
+        ack_without_acting=settings.ack_without_acting,
     )
 
     async def on_notice(event: VnfMaintenanceNotified, info: object) -> None:

@@ -45,6 +45,10 @@ class ReferenceVnfmSettings(BaseSettings):
     )
     reply_delay_s: float = Field(default=0.0, ge=0, description="Wait before each reply.")
     silent: bool = Field(default=False, description="Act on notices but never reply.")
+    ack_without_acting: bool = Field(
+        default=False,
+        description="Negative control for tests: claim every move was made without making it.",
+    )
 
     @property
     def group(self) -> str:

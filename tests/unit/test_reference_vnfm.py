@@ -308,6 +308,16 @@ async def test_silent_driver_acts_but_never_replies() -> None:
     assert sent == [] and ("switch_over", "vnf-as", "vm-a2") in world.calls
 
 
+async def test_broken_driver_claims_moves_it_never_made() -> None:
+    # The negative control for the end-to-end tests: replies as if it acted, touches nothing.
+    world = FakeWorld(active_standby(), load_balanced())
+    vnfm, sent = driver(world, ack_without_acting=True)
+    reply = await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)}))
+    assert reply is not None and sent == [reply]
+    assert {o.vm_id: o.outcome for o in reply.outcomes} == {"vm-a1": SWITCHED, "vm-l1": DRAINED}
+    assert [c for c in world.calls if c[0] != "vnf"] == [] and vnfm.drained == {}
+
+
 async def test_driver_does_not_swallow_an_unreachable_world() -> None:
     class Down(FakeWorld):
         async def vnf(self, vnf_id: str) -> VnfView:
