@@ -1,0 +1,89 @@
+"""`python -m services.upgrade_manager`: the Upgrade Manager.
+
+Kafka settings come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `ESCALATOR_KAFKA_*`); the
+Upgrade Manager's own from `ESCALATOR_UPGRADE_MANAGER_*`, overridden by the flags. SIGTERM or
+SIGINT stops it cleanly (faust commits what it processed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.upgrade_manager", description="Escalator Upgrade Manager."
+    )
+    parser.add_argument("--instance-id", help="this instance (ESCALATOR_UPGRADE_MANAGER_*)")
+    parser.add_argument("--tick-interval", type=float, help="seconds between campaign ticks")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("ESCALATOR_UPGRADE_MANAGER_LOG_LEVEL", "INFO")
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # faust and mode log every rebalance table at INFO; keep their warnings only.
+    for noisy in ("faust", "mode", "aiokafka"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
+    from pydantic import ValidationError
+
+    from escalator.settings import KafkaSettings
+    from services.upgrade_manager.settings import UpgradeManagerSettings
+
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("instance_id", args.instance_id),
+            ("tick_interval_s", args.tick_interval),
+            ("metrics_port", args.metrics_port),
+        )
+        if value is not None
+    }
+    try:
+        settings = UpgradeManagerSettings(**overrides)
+        kafka = KafkaSettings()
+    except ValidationError as err:
+        print(f"upgrade manager: bad settings:\n{err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(settings, kafka))
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        logging.getLogger("services.upgrade_manager").exception("upgrade manager failed")
+        return 1
+    return 0
+
+
+async def _serve(settings: Any, kafka: Any) -> None:
+    from services.upgrade_manager.service import bootstrap
+
+    service = bootstrap(settings, kafka, serve_metrics=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    logging.getLogger("services.upgrade_manager").info(
+        "upgrade manager %s starting (brokers %s, topic prefix %r)",
+        settings.instance_id,
+        kafka.bootstrap_servers,
+        kafka.topic_prefix,
+    )
+    await service.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
