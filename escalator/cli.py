@@ -329,8 +329,6 @@ async def watch_campaign(
     )
     overall = progress.add_task(campaign_id, total=None, detail="waiting for the Upgrade Manager")
     node_tasks: dict[str, Any] = {}
-    loop = asyncio.get_running_loop()
-    give_up = None if timeout_s is None else loop.time() + timeout_s
 
     def render(view: CampaignView) -> None:
         counts = view.to_json()["nodes"]
@@ -360,20 +358,23 @@ async def watch_campaign(
                     visible=not node.step.finished,
                 )
 
-    with Live(progress, console=console, refresh_per_second=8, transient=False):
-        async for record in scan(settings, CAMPAIGNS, follow=True):
-            if record.key != campaign_id.encode():
-                continue
-            event = decode(record.value)
-            if not isinstance(event, Event):
-                continue
-            board.apply(event)
-            view = board.view(campaign_id)
-            render(view)
-            if view.finished:
-                break
-            if give_up is not None and loop.time() > give_up:
-                raise TimeoutError(f"campaign {campaign_id} still {view.state} after {timeout_s}s")
+    try:
+        async with asyncio.timeout(timeout_s):
+            with Live(progress, console=console, refresh_per_second=8, transient=False):
+                async for record in scan(settings, CAMPAIGNS, follow=True):
+                    if record.key != campaign_id.encode():
+                        continue
+                    event = decode(record.value)
+                    if not isinstance(event, Event):
+                        continue
+                    board.apply(event)
+                    render(board.view(campaign_id))
+                    if board.view(campaign_id).finished:
+                        break
+    except TimeoutError:
+        state = board.view(campaign_id).state
+        raise TimeoutError(f"campaign {campaign_id} still {state} after {timeout_s}s") from None
+    console.print()
     return board.view(campaign_id)
 
 

@@ -110,7 +110,12 @@ class Deployment:
             )
 
     def stop(self) -> None:
+        # Services first: they may still be talking to the world while they shut down.
+        world = self.group.children.pop("world", None)
         self.group.stop_all()
+        if world is not None:
+            self.group.children["world"] = world
+            self.group.stop_all()
 
 
 async def publish_registry_from_world(

@@ -10,6 +10,7 @@ this package logs client keyword arguments.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, for_code
 from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import TopicPartition
 
 from escalator.settings import KafkaSettings
 from schemas.topics import ALL_TOPICS, DEAD_LETTERS_TOPIC, TopicSpec
@@ -180,5 +182,35 @@ async def ensure_topics(
     if failures:
         raise KafkaError("could not create topics: " + "; ".join(failures))
     if created:
+        await _wait_for_leaders(settings, created)
         log.info("created topics %s", ", ".join(created))
     return created
+
+
+async def _wait_for_leaders(
+    settings: KafkaSettings, topics: list[str], timeout_s: float = 15.0
+) -> None:
+    """Wait until every partition of new topics has a leader, so that the first sends are not
+    refused with NotLeaderForPartition (each refusal is a retry and a warning in the logs)."""
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(**client_kwargs(settings))
+    await client.bootstrap()
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            metadata = await client.fetch_all_metadata()
+            ready = all(
+                (parts := metadata.partitions_for_topic(topic))
+                and all(
+                    metadata.leader_for_partition(TopicPartition(topic, p)) not in (None, -1)
+                    for p in parts
+                )
+                for topic in topics
+            )
+            if ready:
+                return
+            await asyncio.sleep(0.1)
+        log.warning("topics %s have partitions without a leader after %ss", topics, timeout_s)
+    finally:
+        await client.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
@@ -31,20 +31,25 @@ async def scan(
     topic: str | TopicSpec,
     *,
     follow: bool = False,
+    partitions: Collection[int] | None = None,
     timeout_s: float = 30.0,
 ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
     """Every record of `topic` from the beginning, in per-partition order, without a group.
 
     With `follow=False` it stops at the high watermark each partition reported once the scan
     began its fetches (TimeoutError if not reached within `timeout_s`); with `follow=True` it
-    goes on yielding new records until the caller stops iterating.
+    goes on yielding new records until the caller stops iterating. `partitions` limits the scan
+    to those partition numbers.
     """
     name = settings.topic(topic.name) if isinstance(topic, TopicSpec) else topic
     consumer = make_consumer(settings, None)
     await consumer.start()
     try:
         parts = await topic_partitions(consumer, name, timeout_s=min(timeout_s, 10.0))
-        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        wanted = parts if partitions is None else set(parts) & set(partitions)
+        tps = [TopicPartition(name, p) for p in sorted(wanted)]
+        if not tps:
+            return
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         pending = set(tps)

@@ -2,7 +2,7 @@
 
 Kafka settings come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `ESCALATOR_KAFKA_*`); the
 Upgrade Manager's own from `ESCALATOR_UPGRADE_MANAGER_*`, overridden by the flags. SIGTERM or
-SIGINT stops it cleanly (faust commits what it processed).
+SIGINT stops it cleanly (it commits what it processed).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # faust and mode log every rebalance table at INFO; keep their warnings only.
-    for noisy in ("faust", "mode", "aiokafka"):
+    # aiokafka logs every group join at INFO; keep its warnings only.
+    for noisy in ("aiokafka",):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     from pydantic import ValidationError
 

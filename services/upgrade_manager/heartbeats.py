@@ -1,11 +1,9 @@
 """The view of node agents' heartbeats every Upgrade Manager instance keeps (all nodes).
 
-Why a group-less aiokafka consumer and not a faust GlobalTable: the view is a cache of a
-compacted topic that other services write, needed whole by every instance before the first
-decision (a request naming nodes is validated against it). A GlobalTable would add a second
-changelog copy of the topic and ties its readiness to faust's rebalance/recovery cycle (a
-rebalance would pause reading it); a plain consumer assigned every partition reads the topic
-itself, is ready before faust starts, and is never paused by a rebalance.
+A group-less aiokafka consumer assigned every partition: every instance needs the whole view
+(a request naming nodes is validated against it), before its first decision, and a rebalance of
+the campaign inputs must not pause it. Undecodable records are dead-lettered by the instance
+whose campaign partitions include the record's partition number, so one copy lands there.
 
 Start-up is gap-free: the follower is assigned every partition and positioned at the end first,
 then `read_to_high_watermark` fills the view from the beginning, then the follower reads from
@@ -18,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiokafka.structs import TopicPartition
@@ -32,17 +31,38 @@ from services.upgrade_manager.domain import AgentStatus
 log = logging.getLogger(__name__)
 
 
+DeadLetterHook = Callable[[Any, InvalidEvent], Awaitable[None]]
+
+
 class HeartbeatView:
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(self, settings: KafkaSettings, on_invalid: DeadLetterHook | None = None) -> None:
         self._settings = settings
+        self._on_invalid = on_invalid
         self.agents: dict[str, AgentStatus] = {}
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
 
     def apply(self, heartbeat: NodeAgentHeartbeat) -> None:
         known = self.agents.get(heartbeat.node_id)
         if known is None or heartbeat.occurred_at >= known.last_seen:
             self.agents[heartbeat.node_id] = AgentStatus.from_heartbeat(heartbeat)
+            if known is None:
+                self._changed.set()
+
+    async def wait_for(self, node_ids: Iterable[str], timeout_s: float) -> bool:
+        """Wait until every node has been heard of (True), or the timeout passed (False)."""
+        wanted = set(node_ids)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while not wanted <= self.agents.keys():
+            remaining = give_up - loop.time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=remaining)
+        return True
 
     async def start(self) -> None:
         name = self._settings.topic(NODE_HEARTBEATS.name)
@@ -78,7 +98,9 @@ class HeartbeatView:
                     if isinstance(event, NodeAgentHeartbeat):
                         self.apply(event)
                     elif isinstance(event, InvalidEvent):
-                        log.debug("heartbeat view: skipped %s", event)
+                        log.warning("heartbeat view: skipped %s", event)
+                        if self._on_invalid is not None:
+                            await self._on_invalid(record, event)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -1,4 +1,4 @@
-"""Pure helpers of the Upgrade Manager's adapter: topics, table keys, tick records, records.
+"""Pure helpers of the Upgrade Manager's adapter: topics, and stored records to state.
 
 Kept free of Kafka and faust so that they are unit-tested
 (tests/unit/test_upgrade_manager_routing.py).
@@ -6,9 +6,7 @@ Kept free of Kafka and faust so that they are unit-tested
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
-from datetime import datetime
 
 from schemas import topics
 from schemas.envelope import Event
@@ -29,15 +27,9 @@ INPUT_TOPICS: tuple[TopicSpec, ...] = (
     topics.NODE_EVENTS,
 )
 
-# Internal: one record per owned running campaign every tick interval, keyed by campaign id and
-# written to the campaign's partition, so that time passes through the same agent as events.
-TICKS_TOPIC = "escalator.upgrade-manager.ticks.v1"
-TICKS_RETENTION_MS = 3_600_000
-
-# The faust tables: campaign id -> CampaignPlan, campaign id -> CampaignRecord,
-# "{campaign id}/{node id}" -> NodeRecord.
-PLANS, STATUS, NODES = "plans", "status", "nodes"
-TABLES = (PLANS, STATUS, NODES)
+# Internal, compacted: the campaigns' records, keyed `plan/<c>`, `status/<c>`, `node/<c>/<n>`,
+# in the campaign's partition (see state_store.py).
+STATE_TOPIC = "escalator.upgrade-manager.state.v1"
 
 # What the Upgrade Manager itself writes on CAMPAIGNS: read back as input, and skipped unread.
 OWN_OUTPUTS = frozenset(
@@ -63,24 +55,6 @@ def routed(commands: Iterable[Event]) -> list[tuple[Event, TopicSpec]]:
     return [(command, topic_for_command(command)) for command in commands]
 
 
-def node_key(campaign_id: str, node_id: str) -> str:
-    return f"{campaign_id}/{node_id}"
-
-
-def encode_tick(campaign_id: str, at: datetime) -> bytes:
-    return json.dumps({"campaign_id": campaign_id, "at": at.isoformat()}).encode()
-
-
-def decode_tick(value: bytes | None) -> str | None:
-    """The campaign id of a tick record, or None if the record is not one."""
-    try:
-        data = json.loads(value or b"")
-    except ValueError:
-        return None
-    campaign_id = data.get("campaign_id") if isinstance(data, dict) else None
-    return campaign_id if isinstance(campaign_id, str) and campaign_id else None
-
-
 def load_state(
     plan_raw: bytes | None,
     status_raw: bytes | None,
@@ -100,7 +74,3 @@ def load_state(
         if raw is not None
     }
     return rebuild(plan, status, nodes)
-
-
-def dump(record: CampaignPlan | CampaignRecord | NodeRecord) -> bytes:
-    return record.model_dump_json().encode()

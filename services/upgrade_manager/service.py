@@ -1,69 +1,44 @@
-"""The Upgrade Manager process: wiring of topics, heartbeat view, faust app, ticker and metrics.
+"""The Upgrade Manager process: wiring of topics, heartbeat view, processor and metrics.
 
 `bootstrap()` is the one wiring function; `UpgradeManagerService.run()` runs until
-`request_stop()` (SIGTERM/SIGINT in `__main__`), then stops faust gracefully (it commits what it
-processed) and the clients.
+`request_stop()` (SIGTERM/SIGINT in `__main__`), then commits what it processed and stops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka.admin import NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from escalator.bus import EventPublisher, ensure_topics, make_admin, make_producer
+from escalator.bus import EventPublisher, ensure_topics, make_producer
 from escalator.settings import KafkaSettings
+from schemas.codec import InvalidEvent
 from schemas.envelope import utcnow
-from services.upgrade_manager.app import CampaignProcessor, Clock, Metrics, changelog_topic
+from schemas.topics import TopicSpec
 from services.upgrade_manager.heartbeats import HeartbeatView
-from services.upgrade_manager.routing import TABLES, TICKS_RETENTION_MS, TICKS_TOPIC
+from services.upgrade_manager.processor import CampaignProcessor, Clock, Metrics
+from services.upgrade_manager.routing import STATE_TOPIC
 from services.upgrade_manager.settings import UpgradeManagerSettings
 
 log = logging.getLogger("services.upgrade_manager")
 
 ProducerFactory = Callable[[KafkaSettings], Any]
 
-
-async def ensure_internal_topics(kafka: KafkaSettings, settings: UpgradeManagerSettings) -> None:
-    """The ticks topic (short retention) and the tables' changelogs (compacted), co-partitioned.
-
-    Created before faust starts: faust checks a table's changelog partition count against the
-    consumer's metadata snapshot, which holds 0 partitions for a topic created after the
-    consumer subscribed (faust would create it itself, too late for that check).
-    """
-    wanted = {kafka.topic(TICKS_TOPIC): {"retention.ms": str(TICKS_RETENTION_MS)}}
-    for table in TABLES:
-        wanted[changelog_topic(kafka, settings, table)] = {"cleanup.policy": "compact"}
-    admin = make_admin(kafka)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [name for name in wanted if name not in existing]
-        if not missing:
-            return
-        response = await admin.create_topics(
-            [
-                NewTopic(
-                    name=name,
-                    num_partitions=kafka.partitions,
-                    replication_factor=kafka.replication_factor,
-                    topic_configs=wanted[name],
-                )
-                for name in missing
-            ]
-        )
-        for entry in response.topic_errors:
-            if entry[1] not in (0, TopicAlreadyExistsError.errno):
-                raise RuntimeError(f"could not create {entry[0]}: error {entry[1]} {entry[2:]}")
-    finally:
-        await admin.close()
+# The state topic as a catalogue-like spec, so that ensure_topics creates it compacted with the
+# partition count of the (co-partitioned) inputs.
+STATE_SPEC = TopicSpec(
+    name=STATE_TOPIC,
+    key_field="campaign_id",
+    events=(),
+    producers=(),
+    consumers=(),
+    description="Upgrade Manager state (internal)",
+    compacted=True,
+)
 
 
 class UpgradeManagerService:
@@ -88,18 +63,24 @@ class UpgradeManagerService:
         log.info("%s: stop requested", self.settings.instance_id)
         self._stop.set()
         if self.processor is not None:
-            self.processor.stopping()
+            self.processor.stop()
 
     async def run(self) -> None:
         started = time.monotonic()
         kafka = self.kafka
         await ensure_topics(kafka)
-        await ensure_internal_topics(kafka, self.settings)
+        await ensure_topics(kafka, (STATE_SPEC,), dead_letters=False)
         producer = self._producer_factory(kafka)
         await producer.start()
-        heartbeats = HeartbeatView(kafka)
-        ticker: asyncio.Task[None] | None = None
-        app_started = False
+        processor: CampaignProcessor | None = None
+
+        async def dead_letter_heartbeat(record: Any, invalid: InvalidEvent) -> None:
+            if processor is not None and processor.owns_partition(record.partition):
+                await processor.dead_letter(
+                    record, invalid.reason.value, invalid.detail, invalid.event_type
+                )
+
+        heartbeats = HeartbeatView(kafka, on_invalid=dead_letter_heartbeat)
         try:
             await heartbeats.start()
             processor = CampaignProcessor(
@@ -115,40 +96,19 @@ class UpgradeManagerService:
             self.processor = processor
             if self._stop.is_set():
                 return
-            await processor.app.start()
-            app_started = True
             log.info(
-                "%s: faust app %s started in %.2f s; waiting for partitions",
+                "%s: joining group %s (%.2f s after start)",
                 self.settings.instance_id,
                 processor.group,
                 time.monotonic() - started,
             )
-            ticker = asyncio.get_running_loop().create_task(processor.ticker(), name="ticker")
-            stop = asyncio.get_running_loop().create_task(self._stop.wait())
-            crashed = asyncio.get_running_loop().create_task(_wait_crashed(processor.app))
-            done, _ = await asyncio.wait({stop, crashed}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (stop, crashed):
-                task.cancel()
-            if crashed in done and not self._stop.is_set():
-                raise RuntimeError("the faust app crashed") from processor.app._crash_reason
+            await processor.run()
         finally:
-            if ticker is not None:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
-            if self.processor is not None:
-                log.info("latency: %s", self.processor.latency_summary())
-            if app_started and self.processor is not None:
-                await self.processor.app.stop()
+            if processor is not None:
+                log.info("latency: %s", processor.latencies.summary())
             await heartbeats.stop()
             await producer.stop()
             log.info("%s: stopped", self.settings.instance_id)
-
-
-async def _wait_crashed(app: Any) -> None:
-    # mode sets a flag, not an awaitable, when a service crashes.
-    while not app.crashed:  # noqa: ASYNC110
-        await asyncio.sleep(0.5)
 
 
 def bootstrap(
@@ -162,7 +122,7 @@ def bootstrap(
 ) -> UpgradeManagerService:
     """The Upgrade Manager, ready to `run()`: Kafka settings from the environment by default.
 
-    `producer_factory` builds the aiokafka producer for commands, ticks and dead letters
+    `producer_factory` builds the aiokafka producer for commands, state and dead letters
     (acks=all, idempotent where enabled). `serve_metrics` starts the Prometheus endpoint on
     `settings.metrics_port` (the default registry when `registry` is None).
     """

@@ -12,11 +12,10 @@ class UpgradeManagerSettings(BaseSettings):
     instance_id: str = Field(
         default="upgrade-manager/0", min_length=1, description="This instance, in logs and DLQ."
     )
-    app_id: str = Field(
+    group_id: str = Field(
         default="escalator-upgrade-manager",
         min_length=1,
-        description="faust app id: the consumer group and the changelog topics' prefix "
-        "(the Kafka topic_prefix is put in front).",
+        description="Consumer group of the campaign inputs (topic_prefix is put in front).",
     )
     tick_interval_s: float = Field(
         default=0.5, gt=0, le=60, description="How often each owned running campaign is ticked."
@@ -24,17 +23,16 @@ class UpgradeManagerSettings(BaseSettings):
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus /metrics port; unset: none."
     )
-    web_port: int | None = Field(
-        default=None,
+    unknown_node_grace_s: float = Field(
+        default=10.0,
         ge=0,
-        le=65535,
-        description="faust's web server port; unset: the web server is disabled.",
+        le=300,
+        description="How long a request naming nodes not yet heard of waits for their heartbeats.",
     )
-    commit_interval_s: float = Field(
-        default=0.5, gt=0, description="How often faust commits processed offsets."
-    )
-    standby_replicas: int = Field(
-        default=0, ge=0, description="faust table standby replicas (memory store: 0)."
+    negative_control_skip_migrations: bool = Field(
+        default=False,
+        description="Tests only: never migrate, pretend every migration succeeded. This is the "
+        "broken manager that end-to-end tests use to show the world's monitor sees the damage.",
     )
     handler_attempts: int = Field(
         default=3, ge=1, description="Tries of one input before it is dead-lettered."

@@ -1,9 +1,9 @@
-"""The Upgrade Manager adapter's pure helpers: command topics, ticks, and rebuilding state."""
+"""The Upgrade Manager adapter's pure helpers: command topics, stored records, rebuilding."""
 
 from __future__ import annotations
 
 import pytest
-from core_harness import T0, Driver, vm
+from core_harness import Driver, vm
 
 from schemas import topics
 from schemas.events import (
@@ -19,14 +19,11 @@ from schemas.events import (
 from services.upgrade_manager.domain import NodeRecord, rebuild
 from services.upgrade_manager.routing import (
     OWN_OUTPUTS,
-    decode_tick,
-    dump,
-    encode_tick,
     load_state,
-    node_key,
     routed,
     topic_for_command,
 )
+from services.upgrade_manager.state_store import CampaignRecords, campaign_of
 
 pytestmark = pytest.mark.unit
 
@@ -53,11 +50,33 @@ def test_own_outputs_are_skipped_but_requests_are_read() -> None:
     assert CampaignCompleted.model_fields["event_type"].default in OWN_OUTPUTS
 
 
-def test_ticks_round_trip_and_garbage_is_no_tick() -> None:
-    assert decode_tick(encode_tick("cmp-1", T0)) == "cmp-1"
-    for garbage in (None, b"", b"\xff", b"[]", b'{"campaign_id": 3}', b'{"campaign_id": ""}'):
-        assert decode_tick(garbage) is None
-    assert node_key("cmp-1", "n1") == "cmp-1/n1"
+def dump(record: NodeRecord | object) -> bytes:
+    return record.model_dump_json().encode()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_state_keys_name_their_campaign() -> None:
+    assert campaign_of("plan/cmp-1") == "cmp-1"
+    assert campaign_of("status/cmp-1") == "cmp-1"
+    assert campaign_of("node/cmp-1/compute-0-01") == "cmp-1"
+    for foreign in ("", "plan/", "other/cmp-1", "node"):
+        assert campaign_of(foreign) is None
+
+
+def test_stored_records_rebuild_the_campaign_and_tombstones_delete_nodes() -> None:
+    d = Driver(["n1", "n2"])
+    d.start(max_parallel=1)
+    d.enter("n1", [vm("vm-1", "vnf-1")])
+    assert d.state is not None
+    records = CampaignRecords()
+    assert records.state() is None
+    records.put("plan/cmp", dump(d.state.plan))
+    records.put("status/cmp", dump(d.state.campaign))
+    for node_id, node in d.state.nodes.items():
+        records.put(f"node/cmp/{node_id}", dump(node))
+    rebuilt = records.state()
+    assert rebuilt is not None and dict(rebuilt.nodes) == dict(d.state.nodes)
+    records.put("node/cmp/n1", None)
+    assert "n1" not in records.nodes
 
 
 def stored(d: Driver) -> tuple[bytes, bytes, dict[str, bytes | None]]:
