@@ -6,6 +6,7 @@ and with which key, is in `schemas.topics`.
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal, Self
@@ -27,6 +28,7 @@ from schemas.types import (
     VmRef,
     VnfId,
     VnfmId,
+    VnfmRefusal,
     VnfmTimeoutPolicy,
 )
 
@@ -90,6 +92,34 @@ class CampaignPolicy(ValueModel):
         le=100,
         description="Times a step is re-sent after its deadline before the node fails.",
         examples=[3],
+    )
+    max_deferrals: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Times a VNFM-refused node is retried later; then on_vnfm_timeout applies.",
+        examples=[3],
+    )
+    deferral_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=24 * 3600,
+        description="Minimum wait before a deferred node is tried again.",
+        examples=[60.0],
+    )
+    vnfm_extension_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=24 * 3600,
+        description="Most one MaintenanceDeadlineExtended heartbeat may extend a notice by.",
+        examples=[60.0],
+    )
+    vnfm_hard_timeout_s: float = Field(
+        default=3600.0,
+        gt=0,
+        le=48 * 3600,
+        description="No heartbeat extends a notice beyond its send time plus this.",
+        examples=[3600.0],
     )
 
 
@@ -351,6 +381,17 @@ class BusinessMoveRequested(Event):
         examples=[_DEADLINE_EXAMPLE],
     )
     attempt: int = _ATTEMPT
+    extension_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Most one VNFM heartbeat may extend the deadline by.",
+        examples=[60.0],
+    )
+    hard_deadline: AwareDatetime | None = Field(
+        default=None,
+        description="No heartbeat extends the deadline beyond this; null: no extensions.",
+        examples=[_DEADLINE_EXAMPLE],
+    )
 
 
 class BusinessMoved(Event):
@@ -366,6 +407,26 @@ class BusinessMoved(Event):
         default=False,
         description="True if at least one VNFM did not answer before the deadline.",
         examples=[False],
+    )
+    refusals: tuple[VnfmRefusal, ...] = Field(
+        default=(),
+        description="VNFMs that refused to move business now; the node is deferred.",
+        examples=[[{"vnfm_id": "vnfm-a", "vnf_ids": ["vnf-epc-1"], "reason": "peak hour"}]],
+    )
+
+
+class BusinessMoveDeadlineExtended(Event):
+    """The adapter moved a node's VNFM deadline (a VNFM heartbeat, or a wait for recovery)."""
+
+    event_type: Literal["BusinessMoveDeadlineExtended"] = type_field("BusinessMoveDeadlineExtended")
+    node_id: NodeId = _NODE
+    deadline: AwareDatetime = Field(
+        description="The node's new VNFM deadline.", examples=[_DEADLINE_EXAMPLE]
+    )
+    reason: str = Field(
+        max_length=2000,
+        description="Why it moved.",
+        examples=["vnfm-a: standby resync in progress"],
     )
 
 
@@ -425,6 +486,73 @@ class VnfBusinessMoved(Event):
     outcomes: tuple[VmBusinessOutcome, ...] = Field(
         description="Per VM of the notice, what was done.",
         examples=[[{"vm_id": "vm-0007", "vnf_id": "vnf-epc-1", "outcome": "switched_over"}]],
+    )
+
+
+class BusinessMoveRefused(Event):
+    """A VNFM's reply to a notice: it cannot move the business now; the node is deferred."""
+
+    event_type: Literal["BusinessMoveRefused"] = type_field("BusinessMoveRefused")
+    notice_id: str = Field(
+        min_length=1, max_length=200, description="Notice being answered.", examples=["n-4f1c"]
+    )
+    vnfm_id: VnfmId = Field(description="The refusing VNFM.", examples=["vnfm-a"])
+    reason: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="Why, for the operator.",
+        examples=["vnf-epc-1 is handling a surge; standby not ready"],
+    )
+
+
+class MaintenanceDeadlineExtended(Event):
+    """A VNFM heartbeat: it is still moving the business and needs more time."""
+
+    event_type: Literal["MaintenanceDeadlineExtended"] = type_field("MaintenanceDeadlineExtended")
+    notice_id: str = Field(
+        min_length=1, max_length=200, description="Notice being extended.", examples=["n-4f1c"]
+    )
+    vnfm_id: VnfmId = Field(description="The VNFM asking.", examples=["vnfm-a"])
+    extend_by_s: float = Field(
+        gt=0,
+        le=24 * 3600,
+        description="Seconds wanted from now; capped per heartbeat and overall by the VIM.",
+        examples=[30.0],
+    )
+    reason: str = Field(
+        default="", max_length=2000, description="What it is doing.", examples=["draining"]
+    )
+
+
+class VnfRecovered(Event):
+    """A VNFM says its VNF has restored redundancy after an impact (e.g. standby resynced)."""
+
+    event_type: Literal["VnfRecovered"] = type_field("VnfRecovered")
+    vnfm_id: VnfmId = Field(description="The VNFM of the VNF.", examples=["vnfm-a"])
+    vnf_id: VnfId = Field(description="The recovered VNF.", examples=["vnf-epc-1"])
+
+
+class VnfmReplyRejected(Event):
+    """Told to a VNFM: its reply was not accepted, and why; the campaign is unaffected."""
+
+    event_type: Literal["VnfmReplyRejected"] = type_field("VnfmReplyRejected")
+    vnfm_id: VnfmId = Field(description="The VNFM whose reply is rejected.", examples=["vnfm-a"])
+    notice_id: str | None = Field(
+        default=None, max_length=200, description="The notice it named.", examples=["n-4f1c"]
+    )
+    rejected_event_id: uuid.UUID = Field(
+        description="event_id of the rejected reply.",
+        examples=[uuid.UUID("0b7e5c3a-8f0e-4a53-9a65-0e3a4c1d2b11")],
+    )
+    reason: str = Field(
+        description="Machine-readable reason.",
+        examples=["late", "unknown_notice", "foreign_vm", "foreign_vnf", "wrong_vnfm"],
+    )
+    detail: str = Field(
+        default="",
+        max_length=2000,
+        description="Human-readable explanation.",
+        examples=["reply at 04:02:10Z after the deadline 04:02:00Z"],
     )
 
 
@@ -587,6 +715,12 @@ class VnfProfile(ValueModel):
         description="Notice the VNFM needs before an impact (ETSI impact_notification_lead_time).",
         examples=[10.0],
     )
+    recovery_signal: bool = Field(
+        default=False,
+        description="The VNFM sends VnfRecovered after an impact; the next impact waits for it "
+        "(else for min_recovery_s).",
+        examples=[False],
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -639,9 +773,14 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     VmListReported,
     BusinessMoveRequested,
     BusinessMoved,
+    BusinessMoveDeadlineExtended,
     NodeAvailable,
     VnfMaintenanceNotified,
     VnfBusinessMoved,
+    BusinessMoveRefused,
+    MaintenanceDeadlineExtended,
+    VnfRecovered,
+    VnfmReplyRejected,
     NoticeExpired,
     NoticeCancelled,
     NodeUpgradeRequested,

@@ -104,7 +104,7 @@ VNFM_REQUESTS = TopicSpec(
 VNFM_EVENTS = TopicSpec(
     name="escalator.vnfm.events.v1",
     key_field="campaign_id",
-    events=(ev.BusinessMoved,),
+    events=(ev.BusinessMoved, ev.BusinessMoveDeadlineExtended),
     producers=(Service.VNFM_ADAPTER,),
     consumers=(Service.UPGRADE_MANAGER,),
     description="The collected business outcome per node, keyed by campaign.",
@@ -113,7 +113,13 @@ VNFM_EVENTS = TopicSpec(
 VNFM_NOTICES = TopicSpec(
     name="escalator.vnfm.notices.v1",
     key_field="vnfm_id",
-    events=(ev.VnfMaintenanceNotified, ev.NoticeExpired, ev.NoticeCancelled, ev.NodeAvailable),
+    events=(
+        ev.VnfMaintenanceNotified,
+        ev.NoticeExpired,
+        ev.NoticeCancelled,
+        ev.NodeAvailable,
+        ev.VnfmReplyRejected,
+    ),
     producers=(Service.VNFM_ADAPTER,),
     consumers=(Service.VNFM,),
     description="Vendor-facing: notices to each VNFM, keyed by VNFM id.",
@@ -121,7 +127,12 @@ VNFM_NOTICES = TopicSpec(
 VNFM_REPLIES = TopicSpec(
     name="escalator.vnfm.replies.v1",
     key_field="vnfm_id",
-    events=(ev.VnfBusinessMoved,),
+    events=(
+        ev.VnfBusinessMoved,
+        ev.BusinessMoveRefused,
+        ev.MaintenanceDeadlineExtended,
+        ev.VnfRecovered,
+    ),
     producers=(Service.VNFM,),
     consumers=(Service.VNFM_ADAPTER,),
     description="Vendor-written replies; any key or partitioner, validated by the adapter.",

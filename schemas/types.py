@@ -154,3 +154,15 @@ class AffectedVnf(ValueModel):
     vm_ids: tuple[VmId, ...] = Field(
         min_length=1, description="The VNF's VMs on the node.", examples=[["vm-0007"]]
     )
+
+
+class VnfmRefusal(ValueModel):
+    """A VNFM that refused to move business off a node now."""
+
+    vnfm_id: VnfmId = Field(description="The refusing VNFM.", examples=["vnfm-a"])
+    vnf_ids: tuple[VnfId, ...] = Field(
+        description="Its VNFs on the node.", examples=[["vnf-epc-1"]]
+    )
+    reason: str = Field(
+        max_length=2000, description="Why, for the operator.", examples=["peak hour"]
+    )
