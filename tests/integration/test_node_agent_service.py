@@ -242,8 +242,9 @@ async def test_heartbeats_upgrade_and_a_repeated_request(rig: Rig) -> None:
 
 async def test_kill_mid_reboot_then_restart_applies_exactly_once(rig: Rig) -> None:
     node = (await node_ids(rig))[1]
-    # 30 s nominal at speed 10: a 3 s reboot, long enough to kill the agent in the middle
-    agent = rig.start_agent(node, ESCALATOR_NODE_AGENT_REBOOT_S="30")
+    # 120 s nominal at speed 10: a 12 s reboot, so that even on a loaded machine the new agent
+    # is up before the reboot ends and must wait for it (a 3 s reboot sometimes ended first).
+    agent = rig.start_agent(node, ESCALATOR_NODE_AGENT_REBOOT_S="120")
     await rig.heartbeat_from(node)
     cmd = await rig.request(node)
     deadline = time.monotonic() + 20
@@ -255,7 +256,7 @@ async def test_kill_mid_reboot_then_restart_applies_exactly_once(rig: Rig) -> No
     assert (await rig.world.node(node)).power == "rebooting"
     assert not rig.tap.of(NodeUpgraded, causation_id=cmd.event_id)
 
-    rig.start_agent(node, ESCALATOR_NODE_AGENT_REBOOT_S="30")
+    rig.start_agent(node, ESCALATOR_NODE_AGENT_REBOOT_S="120")
     [done] = await rig.tap.wait_for(
         lambda: rig.tap.of(NodeUpgraded, causation_id=cmd.event_id), "the resumed upgrade"
     )
