@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import importlib
 import json
+import logging
 import re
 import sys
 import tomllib
@@ -564,7 +565,42 @@ def serve(
     raise typer.Exit(module.main(list(ctx.args)))
 
 
+@app.command("vnfm-check")
+def vnfm_check(
+    fixture: Annotated[
+        Path, typer.Argument(help="TOML or JSON: the VNFM id and, per scenario, the VNF and VM.")
+    ],
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option("--scenario", help="Run only these (repeatable); default: all."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check a VNFM against the contract: it plays the VIM and judges the VNFM's replies."""
+    from escalator.vnfm_check import SCENARIOS, FixtureError, load_fixture, run_check
+
+    try:
+        loaded = load_fixture(fixture)
+    except FixtureError as exc:
+        fail(str(exc))
+    chosen = [s for item in scenario or [] for s in item.split(",") if s.strip()] or list(SCENARIOS)
+    unknown = [s for s in chosen if s not in SCENARIOS]
+    if unknown:
+        fail(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    report = asyncio.run(run_check(kafka_settings(), loaded, chosen))
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        out.print(report.table())
+        out.print("PASSED" if report.passed else "[bold red]FAILED[/]")
+    raise typer.Exit(0 if report.passed else 1)
+
+
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # aiokafka warns on every retried send (e.g. a topic's leader not elected yet); the retry
+    # is the fix, so operators see only its errors.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
     # standalone_mode=False lets us print usage errors as one line instead of a boxed panel.
     try:
         code = app(standalone_mode=False)
