@@ -88,16 +88,23 @@ def asyncapi_document() -> dict[str, Any]:
     for spec in ALL_TOPICS:
         channel_id = spec.name.replace(".", "_")
         channels[channel_id] = _channel(spec)
+        # AsyncAPI 3.0: an operation names its channel, and its messages by reference into
+        # that channel's messages (not into components).
+        channel_messages = [
+            {"$ref": f"#/channels/{channel_id}/messages/{cls.__name__}"} for cls in spec.events
+        ]
         for service in spec.producers:
             operations[f"{service.name.lower()}_sends_{channel_id}"] = {
                 "action": "send",
                 "channel": {"$ref": f"#/channels/{channel_id}"},
+                "messages": channel_messages,
                 "summary": f"{service.value} publishes to {spec.name}",
             }
         for service in spec.consumers:
             operations[f"{service.name.lower()}_receives_{channel_id}"] = {
                 "action": "receive",
                 "channel": {"$ref": f"#/channels/{channel_id}"},
+                "messages": channel_messages,
                 "summary": f"{service.value} consumes {spec.name}",
             }
         for cls in spec.events:
@@ -120,6 +127,13 @@ def asyncapi_document() -> dict[str, Any]:
         "address": DEAD_LETTERS_TOPIC,
         "description": "Records a consumer could not use, with the reason; see `escalator dlq`.",
         "messages": {"DeadLetter": {"$ref": "#/components/messages/DeadLetter"}},
+        "x-escalator": {
+            "key": "source topic",
+            "publishers": ["every consumer"],
+            "subscribers": ["operators (escalator dlq)"],
+            "vendorWritable": False,
+            "coPartitioned": False,
+        },
     }
     messages["DeadLetter"] = {
         "name": "DeadLetter",
