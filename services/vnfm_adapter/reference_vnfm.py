@@ -1,8 +1,24 @@
 """The reference VNFM: a simulated, vendor-like VNFM that moves business in the world.
 
-Not part of the VIM. It reads only what a vendor reads (`VnfMaintenanceNotified`, `NodeAvailable`
-on `vnfm.notices`, keyed by its VNFM id), acts on the simulated cloud through `WorldClient`, and
-writes only `VnfBusinessMoved` to `vnfm.replies`.
+Not part of the VIM. It reads only what a vendor reads (`VnfMaintenanceNotified`, `NodeAvailable`,
+`NoticeExpired`, `NoticeCancelled`, `VnfmReplyRejected` on `vnfm.notices`, keyed by its VNFM id),
+acts on the simulated cloud through `WorldClient`, and writes only to `vnfm.replies`:
+`VnfBusinessMoved`, and with its options `BusinessMoveRefused`, `MaintenanceDeadlineExtended`
+heartbeats and `VnfRecovered`.
+
+Options that exercise the rest of the handshake:
+
+* `--refuse-first N --refuse-reason TEXT`: the first N notices (distinct notice ids, counted per
+  process) are answered `BusinessMoveRefused` without acting; a redelivered refused notice gets
+  the same refusal again (same event id).
+* `--heartbeat-every S --work-s W [--extend-by-s E]`: after acting, keep "working" for W seconds,
+  sending a `MaintenanceDeadlineExtended` (extend by E, default 2*S) at once and then every S
+  seconds, then reply. `--work-s` without heartbeats only delays the reply, like
+  `--reply-delay-s` (which is still applied after the work).
+* `--recovery-signal`: after a `NodeAvailable`, for each of its VNFs on the node, poll the world's
+  view of the VNF until every member is up and in sync (the standby has resynced), then send
+  `VnfRecovered`. The polling runs in the background (the consume loop goes on); a crash loses
+  it, and the adapter then holds the next notice for that VNF until its cap.
 
 `plan_notice` and `plan_restore` are pure (world views in, plans out); `ReferenceVnfm` executes a
 plan against the world and builds the reply. Per VM of a notice:
@@ -39,8 +55,15 @@ from typing import Any
 
 from escalator.world.client import WorldClient, WorldError
 from escalator.world.model import VnfView
-from schemas.envelope import command_id, utcnow
-from schemas.events import NodeAvailable, VnfBusinessMoved, VnfMaintenanceNotified
+from schemas.envelope import Event, command_id, utcnow
+from schemas.events import (
+    BusinessMoveRefused,
+    MaintenanceDeadlineExtended,
+    NodeAvailable,
+    VnfBusinessMoved,
+    VnfMaintenanceNotified,
+    VnfRecovered,
+)
 from schemas.types import BusinessOutcome, MaintenanceAction, VmBusinessOutcome
 from services.vnfm_adapter.settings import ReferenceVnfmSettings
 
@@ -204,9 +227,29 @@ def plan_restore(
     return tuple(restore)
 
 
+def vnf_recovered(vnf: VnfView) -> bool:
+    """Every member of the VNF is up and in sync: redundancy is restored."""
+    if any(member not in vnf.members_up for member in vnf.members):
+        return False
+    return all(sync.state == "in_sync" for sync in vnf.sync.values())
+
+
+def refusal_id(notice: VnfMaintenanceNotified) -> uuid.UUID:
+    return command_id("reference-vnfm", notice.vnfm_id, notice.notice_id, "refuse")
+
+
+def heartbeat_id(notice: VnfMaintenanceNotified, n: int) -> uuid.UUID:
+    return command_id("reference-vnfm", notice.vnfm_id, notice.notice_id, "heartbeat", n)
+
+
+def recovered_id(vnfm_id: str, vnf_id: str, cause: uuid.UUID) -> uuid.UUID:
+    return command_id("reference-vnfm", vnfm_id, vnf_id, "recovered", cause)
+
+
 # --- the driver ------------------------------------------------------------------------------
 
-Send = Callable[[VnfBusinessMoved], Awaitable[None]]
+Send = Callable[[Event], Awaitable[None]]
+Reply = VnfBusinessMoved | BusinessMoveRefused
 
 
 @dataclass
@@ -223,8 +266,19 @@ class ReferenceVnfm:
     silent: bool = False
     ack_without_acting: bool = False
     clock: Callable[[], datetime] = utcnow
+    refuse_first: int = 0
+    refuse_reason: str = "not now"
+    heartbeat_every_s: float = 0.0
+    work_s: float = 0.0
+    extend_by_s: float | None = None
+    recovery_signal: bool = False
+    recovery_poll_s: float = 0.1
+    recovery_timeout_s: float = 600.0
     # node -> (vnf, member) drained for that node's notices, restored on its NodeAvailable
     drained: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    # notices refused so far (at most refuse_first)
+    refused: list[str] = field(default_factory=list)
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def producer(self) -> str:
@@ -254,11 +308,55 @@ class ReferenceVnfm:
             return plan.with_refusal(f"the world refused {plan.action}: {exc.message}")
         return plan
 
-    async def handle_notice(self, notice: VnfMaintenanceNotified) -> VnfBusinessMoved | None:
+    async def _refuse(self, notice: VnfMaintenanceNotified) -> BusinessMoveRefused:
+        if notice.notice_id not in self.refused:
+            self.refused.append(notice.notice_id)
+        n = self.refused.index(notice.notice_id) + 1
+        refusal = BusinessMoveRefused(
+            **notice.caused(
+                event_id=refusal_id(notice), occurred_at=self.clock(), producer=self.producer
+            ),
+            notice_id=notice.notice_id,
+            vnfm_id=self.vnfm_id,
+            reason=f"{self.refuse_reason} (refusal {n}/{self.refuse_first})",
+        )
+        log.info("%s: refusing notice %s for %s", self.producer, notice.notice_id, notice.node_id)
+        await self.send(refusal)
+        return refusal
+
+    async def _work(self, notice: VnfMaintenanceNotified) -> None:
+        """Stay busy `work_s` seconds, asking for more time every `heartbeat_every_s`."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.work_s
+        beat = 0
+        while (remaining := until - loop.time()) > 0:
+            if self.heartbeat_every_s > 0:
+                extend_by = self.extend_by_s or 2 * self.heartbeat_every_s
+                await self.send(
+                    MaintenanceDeadlineExtended(
+                        **notice.caused(
+                            event_id=heartbeat_id(notice, beat),
+                            occurred_at=self.clock(),
+                            producer=self.producer,
+                        ),
+                        notice_id=notice.notice_id,
+                        vnfm_id=self.vnfm_id,
+                        extend_by_s=extend_by,
+                        reason=f"still working ({remaining:.1f} s to go)",
+                    )
+                )
+                beat += 1
+                await asyncio.sleep(min(remaining, self.heartbeat_every_s))
+            else:
+                await asyncio.sleep(remaining)
+
+    async def handle_notice(self, notice: VnfMaintenanceNotified) -> Reply | None:
         """Move what can be moved and reply; None when the notice is not ours (or silent)."""
         if not addressed_to(notice, self.vnfm_id):
             log.debug("%s: notice %s is for %s", self.producer, notice.notice_id, notice.vnfm_id)
             return None
+        if notice.notice_id in self.refused or len(self.refused) < self.refuse_first:
+            return await self._refuse(notice)
         views = await self._views(a.vnf_id for a in notice.vnfs)
         done: list[VmPlan] = []
         for plan in plan_notice(notice, self.vnfm_id, views):
@@ -269,6 +367,8 @@ class ReferenceVnfm:
             done.append(result)
         if self.silent:
             return None
+        if self.work_s > 0:
+            await self._work(notice)
         if self.reply_delay_s > 0:
             await asyncio.sleep(self.reply_delay_s)
         reply = build_reply(notice, done, now=self.clock(), producer=self.producer)
@@ -292,7 +392,53 @@ class ReferenceVnfm:
                 continue
             restored.append((vnf_id, member))
         self.drained.pop(event.node_id, None)
+        if self.recovery_signal:
+            for vnf_id in event.vnf_ids:
+                view = views.get(vnf_id)
+                if view is not None and view.vnfm_id == self.vnfm_id:
+                    task = asyncio.create_task(self._signal_recovery(vnf_id, event.event_id))
+                    self.background.add(task)
+                    task.add_done_callback(self.background.discard)
         return tuple(restored)
+
+    async def _signal_recovery(self, vnf_id: str, cause: uuid.UUID) -> None:
+        """Send VnfRecovered once the world shows the VNF's redundancy restored."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.recovery_timeout_s
+        while loop.time() < give_up:
+            try:
+                if vnf_recovered(await self.world.vnf(vnf_id)):
+                    await self.send(
+                        VnfRecovered(
+                            event_id=recovered_id(self.vnfm_id, vnf_id, cause),
+                            causation_id=cause,
+                            occurred_at=self.clock(),
+                            producer=self.producer,
+                            vnfm_id=self.vnfm_id,
+                            vnf_id=vnf_id,
+                        )
+                    )
+                    log.info("%s: %s recovered", self.producer, vnf_id)
+                    return
+            except WorldError as exc:
+                log.warning("%s: polling %s: %s", self.producer, vnf_id, exc)
+            except Exception:
+                log.exception("%s: VnfRecovered for %s not sent", self.producer, vnf_id)
+                return
+            await asyncio.sleep(self.recovery_poll_s)
+        log.warning(
+            "%s: %s did not recover in %.0f s", self.producer, vnf_id, self.recovery_timeout_s
+        )
+
+    async def wait_background(self) -> None:
+        """Wait for the recovery pollers (tests)."""
+        while self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self.background):
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
 
 
 def _vm(plan: VmPlan) -> tuple[str, str, str]:
@@ -312,6 +458,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-id", help="consumer group (default per VNFM id)")
     parser.add_argument("--reply-delay-s", type=float, help="wait before each reply")
     parser.add_argument("--silent", action="store_true", default=None, help="act, but never reply")
+    parser.add_argument("--refuse-first", type=int, help="refuse the first N notices")
+    parser.add_argument("--refuse-reason", help="the reason given when refusing")
+    parser.add_argument(
+        "--heartbeat-every", type=float, help="seconds between deadline-extension heartbeats"
+    )
+    parser.add_argument("--work-s", type=float, help="seconds of work before replying")
+    parser.add_argument("--extend-by-s", type=float, help="extension asked per heartbeat")
+    parser.add_argument(
+        "--recovery-signal",
+        action="store_true",
+        default=None,
+        help="send VnfRecovered once a VNF's members are up and in sync after NodeAvailable",
+    )
     parser.add_argument(
         "--ack-without-acting",
         action="store_true",
@@ -340,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
             ("reply_delay_s", args.reply_delay_s),
             ("silent", args.silent),
             ("ack_without_acting", args.ack_without_acting),
+            ("refuse_first", args.refuse_first),
+            ("refuse_reason", args.refuse_reason),
+            ("heartbeat_every_s", args.heartbeat_every),
+            ("work_s", args.work_s),
+            ("extend_by_s", args.extend_by_s),
+            ("recovery_signal", args.recovery_signal),
         )
         if value is not None
     }
@@ -369,7 +534,7 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
     )
     from escalator.bus.consumer import is_transient_error
     from escalator.settings import KafkaSettings
-    from schemas.events import NoticeCancelled, NoticeExpired
+    from schemas.events import NoticeCancelled, NoticeExpired, VnfmReplyRejected
     from schemas.topics import VNFM_NOTICES, VNFM_REPLIES
 
     kafka = KafkaSettings()
@@ -379,7 +544,7 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
     world = WorldClient(settings.world_url)
     publisher = EventPublisher(producer, kafka)
 
-    async def send(reply: VnfBusinessMoved) -> None:
+    async def send(reply: Event) -> None:
         await publisher.publish(reply, VNFM_REPLIES)
 
     vnfm = ReferenceVnfm(
@@ -389,6 +554,12 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
         reply_delay_s=settings.reply_delay_s,
         silent=settings.silent,
         ack_without_acting=settings.ack_without_acting,
+        refuse_first=settings.refuse_first,
+        refuse_reason=settings.refuse_reason,
+        heartbeat_every_s=settings.heartbeat_every_s,
+        work_s=settings.work_s,
+        extend_by_s=settings.extend_by_s,
+        recovery_signal=settings.recovery_signal,
     )
 
     async def on_notice(event: VnfMaintenanceNotified, info: object) -> None:
@@ -402,6 +573,16 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
     async def on_closed(event: NoticeExpired | NoticeCancelled, info: object) -> None:
         if event.vnfm_id == settings.vnfm_id:
             log.info("%s: %s %s", vnfm.producer, event.event_type, event.notice_id)
+
+    async def on_rejected(event: VnfmReplyRejected, info: object) -> None:
+        if event.vnfm_id == settings.vnfm_id:
+            log.warning(
+                "%s: reply %s rejected (%s): %s",
+                vnfm.producer,
+                event.rejected_event_id,
+                event.reason,
+                event.detail,
+            )
 
     await producer.start()
     try:
@@ -417,6 +598,7 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
                     NodeAvailable: on_available,
                     NoticeExpired: on_closed,
                     NoticeCancelled: on_closed,
+                    VnfmReplyRejected: on_rejected,
                 },
                 # an unreachable world is retried until it answers, like an unreachable Kafka
                 transient=lambda exc: is_transient_error(exc) or _world_down(exc),
@@ -427,6 +609,7 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
             log.info("%s starting (world %s)", vnfm.producer, settings.world_url)
             await loop.run()
         finally:
+            await vnfm.close()
             await consumer.stop()
     finally:
         await producer.stop()

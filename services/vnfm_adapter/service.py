@@ -2,14 +2,24 @@
 
 Inputs, all handled one at a time under one lock (the core's state is a single value):
 * `VNFM_REQUESTS` (`BusinessMoveRequested`, internal `NodeAvailable`) and `VNFM_REPLIES`
-  (vendor-written `VnfBusinessMoved`), read by one group consumer through `EventConsumer`, which
-  dead-letters undecodable records by itself;
+  (vendor-written `VnfBusinessMoved`, `BusinessMoveRefused`, `MaintenanceDeadlineExtended`,
+  `VnfRecovered`), read by one group consumer through `EventConsumer`, which dead-letters
+  undecodable records by itself;
 * a ticker every `tick_s`, which fires deadlines;
 * the VNF registry topic, read to its high watermark before anything is handled, then followed.
 
-Outputs: `BusinessMoved` on `VNFM_EVENTS` (keyed by campaign), everything vendor-facing on
-`VNFM_NOTICES` (keyed by VNFM). A reply the core rejects is dead-lettered with reason
-`vnfm_adapter_rejected` (a redelivered duplicate is only logged).
+Outputs: `BusinessMoved` and `BusinessMoveDeadlineExtended` on `VNFM_EVENTS` (keyed by
+campaign), everything vendor-facing on `VNFM_NOTICES` (keyed by VNFM), `VnfmReplyRejected`
+included.
+
+Rejections. A vendor input the core refuses (unknown notice, wrong VNFM, foreign VM or VNF, late,
+an extension that is not allowed, ...) is answered by the core itself with `VnfmReplyRejected` to
+that VNFM, and only logged here: it is *not* dead-lettered. The sender is told why, in the topic
+it reads; the dead-letter topic stays for records nobody could process (garbage, unknown types,
+too-new versions: `EventConsumer` puts those there) and for wrong *internal* inputs (a request
+without campaign, a stale attempt: a bug of ours), which are dead-lettered with reason
+`vnfm_adapter_rejected`. A vendor stuck in a loop of wrong replies thus cannot flood the topic
+operators alert on. Redelivered duplicates are only logged.
 
 Durability, per input: publish the decision's events, then write the changed node records to the
 compacted state topic, then (the consume loop) commit the input's offset. A crash anywhere in
@@ -52,22 +62,30 @@ from schemas.deadletter import DeadLetter
 from schemas.envelope import Event, utcnow
 from schemas.events import (
     BusinessMoved,
+    BusinessMoveDeadlineExtended,
+    BusinessMoveRefused,
     BusinessMoveRequested,
+    MaintenanceDeadlineExtended,
     NodeAvailable,
     VnfBusinessMoved,
+    VnfRecovered,
     VnfRegistered,
 )
 from schemas.topics import VNF_REGISTRY, VNFM_EVENTS, VNFM_NOTICES, Service, TopicSpec
 from services.vnfm_adapter.domain import (
+    VNF_KEY_PREFIX,
     AdapterState,
     Context,
     Decision,
     Input,
     NodeCollection,
     Rejection,
+    StateRecord,
     Tick,
-    changed_nodes,
+    VnfRecovery,
+    changed_records,
     decide,
+    state_from_records,
 )
 from services.vnfm_adapter.settings import VnfmAdapterSettings
 
@@ -75,7 +93,14 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 REJECTED = "vnfm_adapter_rejected"
-Inbound = BusinessMoveRequested | VnfBusinessMoved | NodeAvailable
+Inbound = (
+    BusinessMoveRequested
+    | NodeAvailable
+    | VnfBusinessMoved
+    | BusinessMoveRefused
+    | MaintenanceDeadlineExtended
+    | VnfRecovered
+)
 RETRY_BACKOFF_S = 0.2
 RETRY_BACKOFF_MAX_S = 5.0
 
@@ -88,22 +113,24 @@ def state_topic_spec(settings: VnfmAdapterSettings) -> TopicSpec:
         events=(),
         producers=(Service.VNFM_ADAPTER,),
         consumers=(Service.VNFM_ADAPTER,),
-        description="The VNFM adapter's open and recent collections, one record per node.",
+        description="The VNFM adapter's collections (key: node id) and recovering VNFs "
+        "(key: vnf/<vnf id>).",
         compacted=True,
     )
 
 
 def topic_for(event: Event) -> TopicSpec:
-    return VNFM_EVENTS if isinstance(event, BusinessMoved) else VNFM_NOTICES
+    internal = isinstance(event, BusinessMoved | BusinessMoveDeadlineExtended)
+    return VNFM_EVENTS if internal else VNFM_NOTICES
 
 
 # --- ports -----------------------------------------------------------------------------------
 
 
 class StateStore(Protocol):
-    async def load(self) -> dict[str, NodeCollection]: ...
+    async def load(self) -> AdapterState: ...
 
-    async def save(self, changes: Mapping[str, NodeCollection | None]) -> None:
+    async def save(self, changes: Mapping[str, StateRecord | None]) -> None:
         """Write changed records (None: delete) durably before returning."""
         ...
 
@@ -118,33 +145,43 @@ class RegistrySource(Protocol):
 # --- Kafka implementations -------------------------------------------------------------------
 
 
-def _decode_record(raw: bytes | None) -> NodeCollection | InvalidEvent:
+def decode_state_record(key: str, raw: bytes | None) -> StateRecord | InvalidEvent:
+    """A state-topic record: `vnf/<id>` keys hold a VnfRecovery, node-id keys a NodeCollection."""
+    model: type[StateRecord] = VnfRecovery if key.startswith(VNF_KEY_PREFIX) else NodeCollection
     try:
-        return NodeCollection.model_validate_json(raw or b"")
+        return model.model_validate_json(raw or b"")
     except ValidationError as exc:
         return InvalidEvent(InvalidReason.INVALID_FIELDS, str(exc), raw)
 
 
 class KafkaStateStore:
-    """Node records on a compacted topic keyed by node id; JSON values, tombstones delete."""
+    """Records on a compacted topic keyed by node id (collections) or `vnf/<id>` (recoveries);
+    JSON values, tombstones delete."""
 
     def __init__(self, kafka: KafkaSettings, producer: ProducerPort, topic: str) -> None:
         self._kafka = kafka
         self._producer = producer
         self.topic = kafka.topic(topic)
 
-    async def load(self) -> dict[str, NodeCollection]:
-        records = await read_to_high_watermark(self._kafka, self.topic, decoder=_decode_record)
-        return {key.decode(): value for key, value in records.items()}  # type: ignore[misc]
+    async def load(self) -> AdapterState:
+        records = await read_to_high_watermark(self._kafka, self.topic, decoder=lambda raw: raw)
+        decoded: list[StateRecord] = []
+        for key, raw in records.items():
+            record = decode_state_record(key.decode(), raw)  # type: ignore[arg-type]
+            if isinstance(record, InvalidEvent):
+                log.error("state record %r skipped: %s", key, record)
+            else:
+                decoded.append(record)
+        return state_from_records(decoded)
 
-    async def save(self, changes: Mapping[str, NodeCollection | None]) -> None:
+    async def save(self, changes: Mapping[str, StateRecord | None]) -> None:
         futures = [
             await self._producer.send(
                 self.topic,
                 value=None if record is None else record.model_dump_json().encode(),
-                key=node_id.encode(),
+                key=key.encode(),
             )
-            for node_id, record in changes.items()
+            for key, record in changes.items()
         ]
         for result in await asyncio.gather(*futures, return_exceptions=True):
             if isinstance(result, BaseException):
@@ -241,7 +278,7 @@ class VnfmAdapterService:
 
     async def run(self) -> None:
         """Rebuild the state, load the registry, then handle inputs until `request_stop()`."""
-        self.state = AdapterState(nodes=await self._store.load())
+        self.state = await self._store.load()
         loaded = asyncio.Event()
         follower = asyncio.create_task(self._registry_source.run(self.registry, loaded))
         ticker: asyncio.Task[None] | None = None
@@ -259,8 +296,9 @@ class VnfmAdapterService:
             if self._stop.is_set():
                 return
             log.info(
-                "vnfm adapter ready: %d node record(s), %d VNF(s)",
+                "vnfm adapter ready: %d node record(s), %d recovering VNF(s), %d VNF(s)",
                 len(self.state.nodes),
+                len(self.state.recovering),
                 len(self.registry),
             )
             ticker = asyncio.create_task(self._tick_forever())
@@ -273,6 +311,9 @@ class VnfmAdapterService:
                     BusinessMoveRequested: self._on_input,
                     NodeAvailable: self._on_input,
                     VnfBusinessMoved: self._on_input,
+                    BusinessMoveRefused: self._on_input,
+                    MaintenanceDeadlineExtended: self._on_input,
+                    VnfRecovered: self._on_input,
                 },
             )
             if self._stop.is_set():
@@ -300,7 +341,7 @@ class VnfmAdapterService:
             decision = decide(before, event, self._ctx())
             if decision.commands:
                 await self._publisher.publish_many((e, topic_for(e)) for e in decision.commands)
-            changes = changed_nodes(before, decision.state)
+            changes = changed_records(before, decision.state)
             if changes:
                 await self._store.save(changes)
             self.state = decision.state
@@ -313,6 +354,16 @@ class VnfmAdapterService:
         for rejection in decision.rejections:
             if rejection.reason.harmless:
                 log.info("%s %s ignored: %s", event.event_type, event.event_id, rejection.detail)
+            elif rejection.reason.vendor:
+                # already answered with VnfmReplyRejected (published with the decision)
+                log.warning(
+                    "%s %s from %s rejected (%s): %s",
+                    event.event_type,
+                    event.event_id,
+                    getattr(event, "vnfm_id", "?"),
+                    rejection.reason.value,
+                    rejection.detail,
+                )
             else:
                 await self._dead_letter(event, info, rejection)
 
@@ -384,6 +435,7 @@ __all__ = [
     "StateStore",
     "VnfmAdapterService",
     "bootstrap",
+    "decode_state_record",
     "state_topic_spec",
     "topic_for",
 ]

@@ -49,6 +49,27 @@ class ReferenceVnfmSettings(BaseSettings):
         default=False,
         description="Negative control for tests: claim every move was made without making it.",
     )
+    refuse_first: int = Field(
+        default=0, ge=0, description="Refuse the first N notices (BusinessMoveRefused)."
+    )
+    refuse_reason: str = Field(
+        default="not now (reference VNFM --refuse-first)",
+        min_length=1,
+        max_length=1000,
+        description="The reason given when refusing.",
+    )
+    heartbeat_every_s: float = Field(
+        default=0.0, ge=0, description="Seconds between MaintenanceDeadlineExtended while working."
+    )
+    work_s: float = Field(default=0.0, ge=0, description="Seconds of work before replying.")
+    extend_by_s: float | None = Field(
+        default=None, gt=0, description="Extension asked per heartbeat; default 2*heartbeat."
+    )
+    recovery_signal: bool = Field(
+        default=False,
+        description="Send VnfRecovered once a VNF's members are up and in sync after "
+        "NodeAvailable.",
+    )
 
     @property
     def group(self) -> str:

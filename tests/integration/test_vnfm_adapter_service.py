@@ -44,6 +44,7 @@ from schemas.events import (
     NoticeExpired,
     VnfBusinessMoved,
     VnfMaintenanceNotified,
+    VnfmReplyRejected,
     VnfProfile,
     VnfRegistered,
 )
@@ -296,23 +297,28 @@ async def test_request_to_business_moved_through_the_reference_vnfms(
         ]
         assert drained
 
-        # garbage and a reply to no notice on the vendor topic: dead letters, nothing else
+        # garbage on the vendor topic: a dead letter; a reply to no notice: the VNFM is told
+        # (VnfmReplyRejected on the notices topic), and it is not dead-lettered
         replies_topic = settings.topic(VNFM_REPLIES.name)
         producer: AIOKafkaProducer = publisher._producer  # type: ignore[assignment]
         await producer.send_and_wait(replies_topic, b"garbage", key=b"vnfm-1")
         bogus = VnfBusinessMoved(notice_id="n-nope", vnfm_id="vnfm-1", outcomes=(), producer="x")
         await publisher.publish(bogus, VNFM_REPLIES)
+        told = await read_until(
+            settings,
+            settings.topic(VNFM_NOTICES.name),
+            lambda got: bool(of_type(got, VnfmReplyRejected)),
+        )
+        [rejected] = of_type(told, VnfmReplyRejected)
+        assert rejected.vnfm_id == "vnfm-1" and rejected.rejected_event_id == bogus.event_id
+        assert rejected.reason == "unknown_notice" and "n-nope" in rejected.detail
         letters = await read_until(
             settings,
             settings.topic(DEAD_LETTERS_TOPIC),
-            lambda got: len(got) >= 2,
+            lambda got: len(got) >= 1,
             parse=lambda raw: DeadLetter.model_validate_json(raw or b""),
         )
-        assert {(d.source_topic, d.reason) for d in letters} == {
-            (replies_topic, "not_json"),
-            (replies_topic, "vnfm_adapter_rejected"),
-        }
-        assert any(d.detail.startswith("unknown_notice") for d in letters)
+        assert {(d.source_topic, d.reason) for d in letters} == {(replies_topic, "not_json")}
 
         # the node is back: each VNFM hears it and gives its drained members their load back
         available = NodeAvailable(

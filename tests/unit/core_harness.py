@@ -20,6 +20,7 @@ from schemas import topics
 from schemas.envelope import Event
 from schemas.events import (
     BusinessMoved,
+    BusinessMoveDeadlineExtended,
     BusinessMoveRequested,
     CampaignCompleted,
     CampaignFailed,
@@ -48,6 +49,7 @@ from schemas.types import (
     VersionManifest,
     VmBusinessOutcome,
     VmOnNode,
+    VnfmRefusal,
 )
 from services.upgrade_manager.domain import (
     IN_CYCLE_STEPS,
@@ -200,10 +202,14 @@ class Driver:
 ALLOWED_STEPS: dict[NodeStep, frozenset[NodeStep]] = {
     NodeStep.PENDING: frozenset({NodeStep.PENDING, NodeStep.CLAIMING, NodeStep.DONE}),
     NodeStep.CLAIMING: frozenset({NodeStep.NOTIFYING, NodeStep.SKIPPED, NodeStep.RELEASING}),
-    NodeStep.NOTIFYING: frozenset({NodeStep.MIGRATING, NodeStep.RELEASING}),
+    # NOTIFYING again: the VNFM deadline was extended (a progress event with a new detail).
+    NodeStep.NOTIFYING: frozenset({NodeStep.NOTIFYING, NodeStep.MIGRATING, NodeStep.RELEASING}),
     NodeStep.MIGRATING: frozenset({NodeStep.UPGRADING, NodeStep.RELEASING}),
     NodeStep.UPGRADING: frozenset({NodeStep.RELEASING, NodeStep.FAILED}),
-    NodeStep.RELEASING: frozenset({NodeStep.DONE, NodeStep.SKIPPED, NodeStep.FAILED}),
+    # PENDING again: a VNFM refused and the node was deferred.
+    NodeStep.RELEASING: frozenset(
+        {NodeStep.DONE, NodeStep.SKIPPED, NodeStep.FAILED, NodeStep.PENDING}
+    ),
 }
 
 
@@ -234,6 +240,9 @@ class SimConfig:
     p_migration_fail: float = 0.1
     p_upgrade_fail: float = 0.1
     p_silent: float = 0.1
+    # The model VNFM adapter: how often a request is refused, or its deadline extended first.
+    p_refuse: float = 0.0
+    p_extend: float = 0.0
 
 
 @dataclass
@@ -314,6 +323,7 @@ class Sim:
         self.state = decision.state
         self.check_identity(before, decision)
         self.check_invariants(ctx, decision)
+        self.check_refusal(before, event, decision)
         for command in decision.commands:
             self.publish(command)
 
@@ -552,6 +562,37 @@ class Sim:
     def adapter(self, command: Event) -> None:
         if not isinstance(command, BusinessMoveRequested):
             return  # NodeAvailable: nothing to answer
+        roll = self.rnd.random()
+        if roll < self.cfg.p_refuse:
+            vnf_ids = tuple(dict.fromkeys(r.vnf_id for r in command.vms if r.vnf_id))
+            refused = reply(
+                command,
+                BusinessMoved,
+                node_id=command.node_id,
+                outcomes=tuple(
+                    VmBusinessOutcome(
+                        vm_id=r.vm_id, vnf_id=r.vnf_id, outcome=BusinessOutcome.LEFT_FOR_VIM
+                    )
+                    for r in command.vms
+                ),
+                refusals=(VnfmRefusal(vnfm_id="vnfm-x", vnf_ids=vnf_ids, reason="busy"),),
+            )
+            self.answer(refused)
+            return
+        not_before: datetime | None = None
+        if roll < self.cfg.p_refuse + self.cfg.p_extend:
+            # A VNFM heartbeat: the adapter tells the manager, then the answer comes later.
+            extra = timedelta(seconds=self.rnd.choice((10, 60, 600)))
+            self.answer(
+                reply(
+                    command,
+                    BusinessMoveDeadlineExtended,
+                    node_id=command.node_id,
+                    deadline=command.deadline + extra,
+                    reason="vnfm-x: heartbeat",
+                )
+            )
+            not_before = command.deadline + extra / 2
         mode = self.rnd.choice(("answer", "answer", "partial", "silent"))
         if mode == "silent":
             return
@@ -570,7 +611,7 @@ class Sim:
             outcomes=tuple(outcomes),
             timed_out=mode == "partial",
         )
-        self.answer(moved, command.deadline if mode == "partial" else None)
+        self.answer(moved, command.deadline if mode == "partial" else not_before)
 
     # --- model node agents ---------------------------------------------------------------
 
@@ -624,6 +665,27 @@ class Sim:
             elif isinstance(command, NodeUpgradeRequested):
                 self.check_empty_enough(command.node_id)
 
+    def check_refusal(self, before: CampaignState | None, event: Input, decision: Decision) -> None:
+        """A refusal within max_deferrals releases the node untouched: no migration, no upgrade."""
+        if not isinstance(event, BusinessMoved) or not event.refusals or before is None:
+            return
+        node = before.nodes.get(event.node_id)
+        if node is None or node.step is not NodeStep.NOTIFYING or decision.state is None:
+            return
+        after = decision.state.nodes[event.node_id]
+        if after.step is NodeStep.NOTIFYING:
+            return  # an answer to an older round's request: ignored
+        untouched = node.deferrals < self.policy.max_deferrals
+        touched = [
+            c
+            for c in decision.commands
+            if isinstance(c, VmMigrationRequested | NodeUpgradeRequested)
+            and c.node_id == event.node_id
+        ]
+        if untouched:
+            assert after.step is NodeStep.RELEASING and after.outcome is NodeStep.PENDING
+            assert not touched, f"deferred {event.node_id} was touched: {touched}"
+
     def check_empty_enough(self, node_id: str) -> None:
         """Only VMs whose business moved may still be on a node whose upgrade starts."""
         assert self.holder[node_id] == CAMPAIGN, "upgrade of a node not in our maintenance"
@@ -673,6 +735,7 @@ _TO_MANAGER = {
     "VmMigrated",
     "VmMigrationFailed",
     "BusinessMoved",
+    "BusinessMoveDeadlineExtended",
     "NodeUpgradeAccepted",
     "NodeUpgradeProgressed",
     "NodeUpgraded",

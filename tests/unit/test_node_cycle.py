@@ -625,3 +625,200 @@ def test_a_10000_node_campaign_keeps_every_record_far_under_1_mb() -> None:
     # Finishing a node rewrites the small status record, never the plan.
     d.tick(10_000)
     assert d.state.plan is plan
+
+
+# --- VNFM refusals: deferral ---------------------------------------------------------------
+
+
+def refusal(vnfm: str = "vnfm-a", why: str = "surge", vnfs: tuple[str, ...] = ("vnf-1",)) -> Any:
+    from schemas.types import VnfmRefusal
+
+    return VnfmRefusal(vnfm_id=vnfm, vnf_ids=vnfs, reason=why)
+
+
+def refuse(d: Driver, node: str = "n1", why: str = "surge") -> list[Event]:
+    ask = d.latest(BusinessMoveRequested, node)
+    return d.feed(
+        reply(
+            ask,
+            BusinessMoved,
+            node_id=node,
+            outcomes=(outcome("vm-a", "vnf-1", LEFT), outcome("vm-b", "vnf-2", MOVED)),
+            refusals=(refusal(why=why),),
+        )
+    )
+
+
+def test_refusal_releases_the_node_untouched_and_defers_it_without_blocking_others() -> None:
+    d = notifying(
+        VnfmTimeoutPolicy.MIGRATE, ("n1", "n2"), max_deferrals=3, deferral_s=252, max_parallel=1
+    )
+    commands = refuse(d)
+    assert d.one(NodeMaintenanceExitRequested, "n1", events=commands).holder == CAMPAIGN
+    assert not of_type(commands, VmMigrationRequested)
+    assert d.step("n1") is NodeStep.RELEASING
+    assert d.node("n1").detail == (
+        "leaving maintenance: deferred by vnfm-a: surge (1/3), retry after 04:04:12Z"
+    )
+    commands = exited(d, "n1")
+    available = d.one(NodeAvailable, "n1", events=commands)
+    assert available.vnf_ids == ("vnf-1", "vnf-2")
+    record = d.node("n1")
+    assert record.step is NodeStep.PENDING and record.deferrals == 1
+    assert record.detail == "deferred by vnfm-a: surge (1/3), retry after 04:04:12Z"
+    assert record.vms is None and record.sent is None and record.outcome is None
+    progress = of_type(commands, NodeCycleAdvanced, "n1")[-1]
+    assert progress.step is NodeStep.PENDING and progress.detail == record.detail
+    # the slot went to n2 at once; n1 waits for its time
+    assert d.one(NodeMaintenanceRequested, "n2", events=commands)
+    assert not of_type(d.emitted, NodeUpgradeRequested)
+
+
+def test_a_deferred_node_is_retried_after_deferral_s_with_new_command_ids() -> None:
+    d = notifying(VnfmTimeoutPolicy.MIGRATE, max_deferrals=3, deferral_s=60)
+    first_ask = d.latest(BusinessMoveRequested, "n1")
+    refuse(d)
+    exited(d, "n1")
+    assert d.tick(59) == []
+    claim = d.one(NodeMaintenanceRequested, "n1", events=d.tick(1))
+    assert claim.event_id == cid("n1", NodeStep.CLAIMING, 1, "round-1")
+    assert claim.event_id != cid("n1", NodeStep.CLAIMING, 1)
+    d.enter("n1", [vm("vm-a", "vnf-1"), vm("vm-b", "vnf-2")])
+    ask = d.latest(BusinessMoveRequested, "n1")
+    assert ask.event_id == cid("n1", NodeStep.NOTIFYING, 1, "round-1")
+    assert ask.attempt == 2 > first_ask.attempt  # the adapter sees a newer attempt
+    # a redelivered answer of the deferred round decides nothing
+    stale = reply(first_ask, BusinessMoved, node_id="n1", outcomes=(), refusals=(refusal(),))
+    assert d.feed(stale) == [] and d.step("n1") is NodeStep.NOTIFYING
+    d.feed(reply(ask, BusinessMoved, node_id="n1", outcomes=(outcome("vm-a", "vnf-1", MOVED),)))
+    [migrate] = of_type(d.last.commands, VmMigrationRequested)
+    assert migrate.vm_id == "vm-b"
+    assert migrate.event_id == cid("n1", NodeStep.MIGRATING, 1, "vm-b", "round-1")
+    d.feed(reply(migrate, VmMigrated, vm_id="vm-b", node_id="n1", destination_node_id="n9"))
+    upgrade = d.one(NodeUpgradeRequested, "n1")
+    assert upgrade.event_id == cid("n1", NodeStep.UPGRADING, 1, "round-1")
+    d.feed(reply(upgrade, NodeUpgraded, node_id="n1", version=TARGET))
+    commands = exited(d, "n1")
+    assert d.step("n1") is NodeStep.DONE
+    assert d.one(CampaignCompleted, events=commands).upgraded == 1
+    available = of_type(d.emitted, NodeAvailable, "n1")
+    assert len({a.event_id for a in available}) == 2  # one per round
+
+
+@pytest.mark.parametrize(
+    ("policy", "step"),
+    [
+        (VnfmTimeoutPolicy.SKIP_NODE, NodeStep.SKIPPED),
+        (VnfmTimeoutPolicy.MIGRATE, NodeStep.MIGRATING),
+        (VnfmTimeoutPolicy.ABORT, NodeStep.RELEASING),
+    ],
+)
+def test_after_max_deferrals_a_refusal_follows_the_timeout_policy(
+    policy: VnfmTimeoutPolicy, step: NodeStep
+) -> None:
+    d = notifying(policy, max_deferrals=2, deferral_s=10)
+    for n in (1, 2):
+        refuse(d, why=f"busy {n}")
+        assert f"({n}/2)" in d.node("n1").detail
+        exited(d, "n1")
+        d.tick(10)
+        d.enter("n1", [vm("vm-a", "vnf-1"), vm("vm-b", "vnf-2")])
+    refuse(d, why="still busy")
+    detail = d.node("n1").detail
+    assert "vnfm-a: still busy, still refused after 2 deferral(s) (max_deferrals 2)" in detail
+    if policy is VnfmTimeoutPolicy.MIGRATE:
+        assert d.step("n1") is NodeStep.MIGRATING and "policy migrate" in detail
+        assert [m.vm_id for m in of_type(d.last.commands, VmMigrationRequested)] == ["vm-a"]
+        return
+    exited(d, "n1")
+    if policy is VnfmTimeoutPolicy.SKIP_NODE:
+        assert d.step("n1") is NodeStep.SKIPPED and "policy skip-node" in d.node("n1").detail
+        assert d.one(CampaignCompleted).skipped == 1
+    else:
+        assert d.step("n1") is NodeStep.SKIPPED and d.status is CampaignStatus.FAILED
+        assert "policy abort" in d.one(CampaignFailed).reason
+    assert not of_type(d.emitted, NodeUpgradeRequested)
+
+
+def test_max_deferrals_zero_applies_the_policy_at_the_first_refusal() -> None:
+    d = notifying(VnfmTimeoutPolicy.SKIP_NODE, max_deferrals=0)
+    refuse(d)
+    exited(d, "n1")
+    assert d.step("n1") is NodeStep.SKIPPED and d.node("n1").deferrals == 0
+
+
+def test_abort_while_a_deferred_node_leaves_maintenance_fails_the_campaign() -> None:
+    d = Driver(["n1", "n2", "n3"])
+    d.start(on_vnfm_timeout=VnfmTimeoutPolicy.ABORT, max_parallel=2, max_deferrals=3)
+    d.enter("n1", [vm("vm-a", "vnf-1")])
+    d.enter("n2", [vm("vm-2", "vnf-2")])
+    refuse(d, "n1")  # n1 is RELEASING, deferred
+    ask2 = d.latest(BusinessMoveRequested, "n2")
+    d.feed(reply(ask2, BusinessMoved, node_id="n2", timed_out=True, outcomes=()))
+    assert d.status is CampaignStatus.ABORTING
+    exited(d, "n2")
+    commands = exited(d, "n1")
+    assert d.step("n1") is NodeStep.PENDING
+    assert d.one(CampaignFailed, events=commands)
+    assert d.tick(3600) == []
+
+
+# --- VNFM deadline extensions ---------------------------------------------------------------
+
+
+def extended(d: Driver, node: str, seconds: float, why: str = "vnfm-a: resync") -> list[Event]:
+    from schemas.events import BusinessMoveDeadlineExtended
+
+    ask = d.latest(BusinessMoveRequested, node)
+    return d.feed(
+        reply(
+            ask,
+            BusinessMoveDeadlineExtended,
+            node_id=node,
+            deadline=T0 + timedelta(seconds=seconds),
+            reason=why,
+        )
+    )
+
+
+def test_request_carries_the_extension_caps_of_the_policy() -> None:
+    d = notifying(VnfmTimeoutPolicy.MIGRATE, vnfm_extension_max_s=25, vnfm_hard_timeout_s=600)
+    ask = d.latest(BusinessMoveRequested, "n1")
+    assert ask.extension_max_s == 25
+    assert ask.hard_deadline == T0 + timedelta(seconds=600)
+    assert ask.deadline == T0 + timedelta(seconds=40)
+
+
+def test_deadline_extension_moves_the_backstop_later_never_earlier() -> None:
+    d = notifying(VnfmTimeoutPolicy.MIGRATE)
+    grace = BACKSTOP_GRACE.total_seconds()
+    commands = extended(d, "n1", 100)
+    [progress] = of_type(commands, NodeCycleAdvanced, "n1")
+    assert progress.step is NodeStep.NOTIFYING and "(extended: vnfm-a: resync)" in progress.detail
+    assert "until 04:01:40Z" in progress.detail
+    assert d.node("n1").sent is not None
+    assert d.node("n1").sent.deadline == T0 + timedelta(seconds=100 + grace)  # type: ignore[union-attr]
+    assert extended(d, "n1", 50) == []  # earlier: ignored
+    assert d.tick(100 + grace - 1) == []  # the original backstop (40 + grace) passed quietly
+    assert of_type(d.tick(1), VmMigrationRequested)
+    # re-publishing the request after a restart gives the very same command
+    assert d.latest(BusinessMoveRequested, "n1").deadline == T0 + timedelta(seconds=40)
+
+
+def test_deadline_extension_of_another_round_or_step_is_ignored() -> None:
+    d = notifying(VnfmTimeoutPolicy.MIGRATE)
+    from schemas.events import BusinessMoveDeadlineExtended
+
+    foreign = BusinessMoveDeadlineExtended(
+        campaign_id=CAMPAIGN,
+        causation_id=uuid.uuid4(),
+        node_id="n1",
+        deadline=T0 + timedelta(seconds=500),
+        reason="x",
+        producer="vnfm-adapter",
+    )
+    assert d.feed(foreign) == []
+    ask = d.latest(BusinessMoveRequested, "n1")
+    d.feed(reply(ask, BusinessMoved, node_id="n1", outcomes=()))
+    assert d.step("n1") is NodeStep.MIGRATING
+    assert extended(d, "n1", 500) == []  # too late to matter

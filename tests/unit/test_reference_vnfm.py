@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -10,7 +11,14 @@ import pytest
 
 from escalator.world.client import WorldError
 from escalator.world.model import MemberSync, VnfView
-from schemas.events import NodeAvailable, VnfBusinessMoved, VnfMaintenanceNotified
+from schemas.events import (
+    BusinessMoveRefused,
+    MaintenanceDeadlineExtended,
+    NodeAvailable,
+    VnfBusinessMoved,
+    VnfMaintenanceNotified,
+    VnfRecovered,
+)
 from schemas.types import AffectedVnf, BusinessOutcome, MaintenanceAction
 from services.vnfm_adapter.reference_vnfm import (
     ReferenceVnfm,
@@ -19,6 +27,7 @@ from services.vnfm_adapter.reference_vnfm import (
     plan_notice,
     plan_restore,
     reply_id,
+    vnf_recovered,
 )
 
 pytestmark = pytest.mark.unit
@@ -338,3 +347,72 @@ async def test_driver_restores_what_it_drained_on_node_available() -> None:
     assert ("restore_member", "vnf-lb", "vm-l1") in world.calls
     assert vnfm.drained == {}
     assert await vnfm.handle_node_available(available(("vnf-lb",), "vnfm-2")) == ()
+
+
+# --- refusals, heartbeats, recovery ----------------------------------------------------------
+
+
+def test_vnf_recovered_needs_every_member_up_and_in_sync() -> None:
+    assert vnf_recovered(active_standby())
+    assert not vnf_recovered(active_standby(resyncing=("vm-a1",)))
+    assert not vnf_recovered(active_standby(up=("vm-a2",)))
+    assert vnf_recovered(load_balanced())
+
+
+async def test_driver_refuses_the_first_notices_without_acting_then_answers() -> None:
+    world = FakeWorld(active_standby())
+    vnfm, sent = driver(world, refuse_first=2, refuse_reason="peak hour")
+    first, second, third = (notice({"vnf-as": ("vm-a1",)}) for _ in range(3))
+    r1 = await vnfm.handle_notice(first)
+    assert isinstance(r1, BusinessMoveRefused) and r1.reason == "peak hour (refusal 1/2)"
+    assert r1.notice_id == first.notice_id and r1.causation_id == first.event_id
+    again = await vnfm.handle_notice(first)  # a redelivery: the same refusal
+    assert isinstance(again, BusinessMoveRefused) and again.event_id == r1.event_id
+    assert isinstance(await vnfm.handle_notice(second), BusinessMoveRefused)
+    assert [c for c in world.calls if c[0] != "vnf"] == []
+    assert isinstance(await vnfm.handle_notice(third), VnfBusinessMoved)
+    assert [type(e).__name__ for e in sent] == [
+        "BusinessMoveRefused",
+        "BusinessMoveRefused",
+        "BusinessMoveRefused",
+        "VnfBusinessMoved",
+    ]
+
+
+async def test_driver_sends_heartbeats_while_working_then_replies() -> None:
+    world = FakeWorld(active_standby())
+    vnfm, sent = driver(world, heartbeat_every_s=0.05, work_s=0.18, extend_by_s=7)
+    n = notice({"vnf-as": ("vm-a1",)})
+    reply = await vnfm.handle_notice(n)
+    beats = [e for e in sent if isinstance(e, MaintenanceDeadlineExtended)]
+    assert 3 <= len(beats) <= 5
+    assert all(b.notice_id == n.notice_id and b.extend_by_s == 7 for b in beats)
+    assert len({b.event_id for b in beats}) == len(beats)
+    assert sent[-1] is reply and isinstance(reply, VnfBusinessMoved)
+    # the world was acted on before the work, as a real VNFM switching over then resyncing
+    assert ("switch_over", "vnf-as", "vm-a2") in world.calls
+
+
+async def test_driver_signals_recovery_once_the_standby_has_resynced() -> None:
+    world = FakeWorld(active_standby(resyncing=("vm-a1",)))
+    vnfm, sent = driver(world, recovery_signal=True, recovery_poll_s=0.01)
+    event = available(("vnf-as",))
+    await vnfm.handle_node_available(event)
+    await asyncio.sleep(0.05)
+    assert sent == []  # still resyncing
+    world.views["vnf-as"] = active_standby()
+    await vnfm.wait_background()
+    [signal] = sent
+    assert isinstance(signal, VnfRecovered)
+    assert (signal.vnfm_id, signal.vnf_id, signal.causation_id) == (
+        "vnfm-1",
+        "vnf-as",
+        event.event_id,
+    )
+    # another VNFM's VNF, or without the option: no signal
+    other, sent2 = driver(FakeWorld(active_standby(vnfm_id="vnfm-2")), recovery_signal=True)
+    await other.handle_node_available(available(("vnf-as",)))
+    await other.wait_background()
+    plain, sent3 = driver(FakeWorld(active_standby()))
+    await plain.handle_node_available(available(("vnf-as",)))
+    assert sent2 == [] and sent3 == [] and not plain.background

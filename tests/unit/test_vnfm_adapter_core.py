@@ -15,13 +15,18 @@ from escalator.registry import VnfRegistry
 from schemas.envelope import Event
 from schemas.events import (
     BusinessMoved,
+    BusinessMoveDeadlineExtended,
+    BusinessMoveRefused,
     BusinessMoveRequested,
+    MaintenanceDeadlineExtended,
     NodeAvailable,
     NoticeCancelled,
     NoticeExpired,
     VnfBusinessMoved,
     VnfMaintenanceNotified,
+    VnfmReplyRejected,
     VnfProfile,
+    VnfRecovered,
 )
 from schemas.types import (
     BusinessOutcome,
@@ -38,11 +43,14 @@ from services.vnfm_adapter.domain import (
     NodeCollection,
     RejectionReason,
     Tick,
+    VnfRecovery,
     business_moved_id,
     changed_nodes,
+    changed_records,
     decide,
     next_deadline,
     notice_event_id,
+    state_from_records,
 )
 
 pytestmark = pytest.mark.unit
@@ -359,14 +367,20 @@ def test_invalid_replies_are_rejected_and_change_nothing(make, reason) -> None: 
     d = opened()
     bad = make(notices(d)["vnfm-a"])
     after = decide(d.state, bad, ctx())
-    assert after.commands == ()
     assert after.state == d.state
     [rejection] = after.rejections
     assert rejection.reason is reason
     assert rejection.event_id == bad.event_id
     assert rejection.event_type == "VnfBusinessMoved"
-    assert not rejection.reason.harmless
+    assert not rejection.reason.harmless and rejection.reason.vendor
     assert rejection.detail
+    # the sending VNFM is told, on the notices topic, and nothing else happens
+    [told] = after.commands
+    assert isinstance(told, VnfmReplyRejected)
+    assert told.vnfm_id == bad.vnfm_id and told.notice_id == bad.notice_id
+    assert told.rejected_event_id == bad.event_id and told.causation_id == bad.event_id
+    assert told.reason == reason.value and told.detail == rejection.detail
+    assert told.event_id == decide(d.state, bad, ctx()).commands[0].event_id  # deterministic
 
 
 def test_late_reply_is_rejected_and_the_deadline_fires_anyway() -> None:
@@ -378,10 +392,14 @@ def test_late_reply_is_rejected_and_the_deadline_fires_anyway() -> None:
     [moved] = of_type(late.commands, BusinessMoved)
     assert moved.timed_out and outcome_map(moved)["vm-1"] is LEFT
     assert len(of_type(late.commands, NoticeExpired)) == 2
+    [told] = of_type(late.commands, VnfmReplyRejected)
+    assert told.reason == "late" and told.vnfm_id == "vnfm-a" and "expired at" in told.detail
     # and after the tick closed the collection
     closed = decide(d.state, Tick(), ctx(DEADLINE)).state
     again = decide(closed, reply(a, {"vm-1": SWITCHED}), ctx(DEADLINE))
-    assert again.commands == () and [r.reason for r in again.rejections] == [RejectionReason.LATE]
+    assert [c.event_type for c in again.commands] == ["VnfmReplyRejected"]
+    assert [r.reason for r in again.rejections] == [RejectionReason.LATE]
+    assert again.state == closed
 
 
 def test_duplicate_reply_is_harmless_and_a_different_second_answer_is_refused() -> None:
@@ -558,6 +576,8 @@ def scenarios(draw: st.DrawFn) -> tuple[VnfRegistry, dict[str, tuple[VmRef, ...]
                     members=members,
                     min_in_service=0,
                     max_unavailable=1,
+                    min_recovery_s=draw(st.sampled_from([0.0, 0.0, 5.0, 20.0])),
+                    recovery_signal=draw(st.booleans()),
                 )
             )
     refs = [
@@ -576,6 +596,7 @@ def scenarios(draw: st.DrawFn) -> tuple[VnfRegistry, dict[str, tuple[VmRef, ...]
                     st.sampled_from(sorted(nodes)),
                     st.integers(min_value=1, max_value=3),
                     st.integers(min_value=0, max_value=30),
+                    st.sampled_from([None, 0, 20, 60]),
                 ),
                 st.tuples(
                     st.just("reply"),
@@ -583,6 +604,14 @@ def scenarios(draw: st.DrawFn) -> tuple[VnfRegistry, dict[str, tuple[VmRef, ...]
                     st.lists(st.sampled_from(list(BusinessOutcome)), max_size=8),
                     st.integers(min_value=0, max_value=9).map(lambda n: n == 0),
                 ),
+                st.tuples(st.just("refuse"), st.integers(min_value=0, max_value=50)),
+                st.tuples(
+                    st.just("heartbeat"),
+                    st.integers(min_value=0, max_value=50),
+                    st.sampled_from([1.0, 10.0, 100.0]),
+                ),
+                st.tuples(st.just("available"), st.sampled_from(sorted(nodes))),
+                st.tuples(st.just("recovered"), st.sampled_from(["v0", "v1", "v2", "v3"])),
                 st.tuples(st.just("tick"), st.integers(min_value=0, max_value=20)),
                 st.tuples(st.just("again"), st.integers(min_value=0, max_value=50)),
             ),
@@ -604,6 +633,9 @@ def test_one_business_moved_per_node_attempt_with_one_outcome_per_vm(
     sent_notices: list[VnfMaintenanceNotified] = []
     emitted: list[Event] = []
     requested: dict[tuple[str, int], set[str]] = {}
+    latest_request: dict[str, tuple[int, int]] = {}  # node -> (attempt, index in fed)
+    available_at: dict[str, int] = {}
+    told: dict[uuid.UUID, datetime] = {}
 
     def feed(event: Input) -> None:
         nonlocal state
@@ -615,17 +647,48 @@ def test_one_business_moved_per_node_attempt_with_one_outcome_per_vm(
         # the state always survives a JSON round trip (it is what gets persisted)
         for record in state.nodes.values():
             assert NodeCollection.model_validate_json(record.model_dump_json()) == record
+        for recovery in state.recovering.values():
+            assert VnfRecovery.model_validate_json(recovery.model_dump_json()) == recovery
+        # no notice reaches a VNF that is still recovering from a previous impact
+        for notice in of_type(d.commands, VnfMaintenanceNotified):
+            for affected in notice.vnfs:
+                assert not state.is_recovering(affected.vnf_id, now), affected.vnf_id
+        # the manager's deadline only ever moves later
+        for ext in of_type(d.commands, BusinessMoveDeadlineExtended):
+            assert ext.causation_id is not None
+            previous = told.get(ext.causation_id)
+            assert previous is None or ext.deadline > previous or ext.event_id in seen_ids
+            told[ext.causation_id] = max(ext.deadline, previous or ext.deadline)
+        # a vendor is told about every wrong input, and only about vendor inputs
+        rejected = {c.rejected_event_id for c in of_type(d.commands, VnfmReplyRejected)}
+        assert rejected == {r.event_id for r in d.rejections if r.reason.vendor}
+        seen_ids.update(c.event_id for c in d.commands)
 
+    seen_ids: set[uuid.UUID] = set()
     for step in steps:
         match step:
-            case ("request", node, attempt, lead):
+            case ("request", node, attempt, lead, hard) if not (
+                attempt <= latest_request.get(node, (0, 0))[0]
+                and available_at.get(node, -1) > latest_request[node][1]
+            ):
+                # (after a node's NodeAvailable, the manager's next request for it always has
+                # a higher attempt: the same attempt again would be a stale redelivery)
                 req = request(
                     node=node,
                     attempt=attempt,
                     vms=nodes[node],
                     deadline=now + timedelta(seconds=lead),
+                ).model_copy(
+                    update={
+                        "occurred_at": now,
+                        "hard_deadline": None
+                        if hard is None
+                        else now + timedelta(seconds=lead + hard),
+                    }
                 )
                 requested[(node, attempt)] = {ref.vm_id for ref in nodes[node]}
+                if attempt > latest_request.get(node, (0, 0))[0]:
+                    latest_request[node] = (attempt, len(fed))
                 feed(req)
             case ("reply", index, outcomes, wrong_vnfm) if sent_notices:
                 # mostly the latest notices: older ones are often superseded or closed
@@ -639,14 +702,44 @@ def test_one_business_moved_per_node_attempt_with_one_outcome_per_vm(
                         vnfm_id="vnfm-z" if wrong_vnfm else None,
                     )
                 )
+            case ("refuse", index) if sent_notices:
+                feed(refused(sent_notices[-1 - index % len(sent_notices)]))
+            case ("heartbeat", index, extend_by) if sent_notices:
+                notice = sent_notices[-1 - index % len(sent_notices)]
+                feed(heartbeat(notice, extend_by, len(fed)))
+            case ("available", node):
+                available_at[node] = len(fed)
+                vnf_ids = tuple(r.vnf_id for r in nodes[node] if r.vnf_id is not None)
+                feed(
+                    NodeAvailable(
+                        campaign_id=CAMPAIGN,
+                        node_id=node,
+                        vnf_ids=tuple(dict.fromkeys(vnf_ids)),
+                        producer="upgrade-manager",
+                    )
+                )
+            case ("recovered", vnf_id) if reg.get(vnf_id) is not None:
+                profile = reg.get(vnf_id)
+                assert profile is not None
+                feed(recovered(vnf_id, profile.vnfm_id))
             case ("tick", seconds):
                 now += timedelta(seconds=seconds)
                 feed(Tick())
             case ("again", index) if fed:
-                feed(fed[index % len(fed)])
+                position = index % len(fed)
+                again = fed[position]
+                if isinstance(again, NodeAvailable):
+                    available_at[again.node_id] = len(fed)
+                if (
+                    isinstance(again, BusinessMoveRequested)
+                    and available_at.get(again.node_id, -1) > position
+                ):
+                    continue  # requests and NodeAvailable share a node-keyed topic: never reordered
+                feed(again)
             case _:
                 pass
-    now += timedelta(seconds=60)
+    # every hold ends at its cap at the latest (here: at most 90 s after its request)
+    now += timedelta(seconds=120)
     feed(Tick())
 
     moved = of_type(tuple(emitted), BusinessMoved)
@@ -655,11 +748,315 @@ def test_one_business_moved_per_node_attempt_with_one_outcome_per_vm(
     }
     per_attempt = Counter(key_of[m.event_id] for m in moved)
     assert all(count == 1 for count in per_attempt.values()), per_attempt
-    # the latest attempt of every requested node is always reported
-    for node in {node for node, _ in requested}:
-        latest = max(attempt for n, attempt in requested if n == node)
-        assert (node, latest) in per_attempt, (node, latest)
+    # the latest attempt of every requested node is reported, unless the node was made
+    # available again before its collection ended (the manager gave up on it)
+    for node, (latest, index) in latest_request.items():
+        if (node, latest) not in per_attempt:
+            assert available_at.get(node, -1) > index, (node, latest)
     for m in moved:
         vm_ids = [o.vm_id for o in m.outcomes]
         assert len(vm_ids) == len(set(vm_ids))
         assert set(vm_ids) == requested[key_of[m.event_id]]
+
+
+# --- refusal ---------------------------------------------------------------------------------
+
+
+def refused(notice: VnfMaintenanceNotified, why: str = "surge on vnf-as-1") -> BusinessMoveRefused:
+    return BusinessMoveRefused(
+        **notice.caused(producer="vnfm"),
+        notice_id=notice.notice_id,
+        vnfm_id=notice.vnfm_id,
+        reason=why,
+    )
+
+
+def test_refusal_ends_the_collection_cancels_the_others_and_reports_once() -> None:
+    d = opened()
+    sent = notices(d)
+    no = refused(sent["vnfm-a"])
+    d = decide(d.state, no, ctx(T0 + timedelta(seconds=3)))
+    [cancelled] = of_type(d.commands, NoticeCancelled)
+    assert cancelled.vnfm_id == "vnfm-b" and cancelled.causation_id == no.event_id
+    assert "vnfm-a refused (surge on vnf-as-1)" in cancelled.reason
+    [moved] = of_type(d.commands, BusinessMoved)
+    assert [(r.vnfm_id, r.vnf_ids, r.reason) for r in moved.refusals] == [
+        ("vnfm-a", ("vnf-as-1", "vnf-as-2"), "surge on vnf-as-1")
+    ]
+    assert not moved.timed_out and set(outcome_map(moved).values()) == {LEFT}
+    assert moved.event_id == business_moved_id(CAMPAIGN, "node-1", 1)
+    record = d.state.nodes["node-1"]
+    assert record.closed and record.refused
+    # the same refusal again: harmless; the other VNFM's answer now: late, and it is told so
+    again = decide(d.state, no, ctx())
+    assert again.commands == () and [r.reason for r in again.rejections] == [
+        RejectionReason.DUPLICATE
+    ]
+    late = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx())
+    [told] = late.commands
+    assert isinstance(told, VnfmReplyRejected) and told.reason == "late"
+    assert "another VNFM refused" in told.detail
+    assert decide(d.state, Tick(), ctx(DEADLINE)).commands == ()
+
+
+def test_refusal_keeps_what_other_vnfms_already_answered() -> None:
+    d = opened()
+    sent = notices(d)
+    d = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx())
+    d = decide(d.state, refused(sent["vnfm-a"]), ctx())
+    assert of_type(d.commands, NoticeCancelled) == []  # vnfm-b had answered
+    [moved] = of_type(d.commands, BusinessMoved)
+    assert outcome_map(moved)["vm-3"] is DRAINED and moved.refusals
+
+
+def test_refusal_of_an_answered_expired_or_unknown_notice_is_rejected() -> None:
+    d = opened()
+    a = notices(d)["vnfm-a"]
+    answered = decide(d.state, reply(a, {"vm-1": SWITCHED}), ctx()).state
+    r = decide(answered, refused(a), ctx())
+    assert [x.reason for x in r.rejections] == [RejectionReason.ALREADY_ANSWERED]
+    assert r.state == answered and [c.event_type for c in r.commands] == ["VnfmReplyRejected"]
+    expired = decide(d.state, Tick(), ctx(DEADLINE)).state
+    r = decide(expired, refused(a), ctx(DEADLINE))
+    assert [x.reason for x in r.rejections] == [RejectionReason.LATE]
+    wrong = refused(a).model_copy(update={"vnfm_id": "vnfm-b"})
+    r = decide(d.state, wrong, ctx())
+    assert [x.reason for x in r.rejections] == [RejectionReason.WRONG_VNFM]
+    [told] = r.commands
+    assert isinstance(told, VnfmReplyRejected) and told.vnfm_id == "vnfm-b"
+
+
+# --- heartbeats ------------------------------------------------------------------------------
+
+HARD = T0 + timedelta(seconds=100)
+
+
+def hb_request(
+    hard: datetime | None = HARD, extension_max_s: float = 30.0
+) -> BusinessMoveRequested:
+    return request().model_copy(update={"hard_deadline": hard, "extension_max_s": extension_max_s})
+
+
+def heartbeat(
+    notice: VnfMaintenanceNotified, extend_by_s: float, n: int = 0
+) -> MaintenanceDeadlineExtended:
+    return MaintenanceDeadlineExtended(
+        event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"hb/{notice.notice_id}/{n}"),
+        notice_id=notice.notice_id,
+        vnfm_id=notice.vnfm_id,
+        extend_by_s=extend_by_s,
+        reason="standby resync",
+        producer="vnfm",
+    )
+
+
+def test_heartbeat_extends_only_its_notice_capped_per_beat_and_tells_the_manager() -> None:
+    d = decide(AdapterState(), hb_request(), ctx())
+    sent = notices(d)
+    beat = heartbeat(sent["vnfm-a"], 60)
+    d = decide(d.state, beat, ctx(T0 + timedelta(seconds=35)))
+    [ext] = d.commands
+    assert isinstance(ext, BusinessMoveDeadlineExtended)
+    assert ext.deadline == T0 + timedelta(seconds=65)  # 35 + min(60, 30)
+    assert ext.node_id == "node-1" and ext.campaign_id == CAMPAIGN
+    assert ext.causation_id == hb_request().event_id
+    assert "vnfm-a: standby resync" in ext.reason
+    assert next_deadline(d.state) == DEADLINE  # vnfm-b's notice still ends at 40
+    # the same heartbeat redelivered: nothing more
+    assert decide(d.state, beat, ctx(T0 + timedelta(seconds=36))).commands == ()
+    # at 40 vnfm-b's notice expires, but the node waits for vnfm-a
+    d = decide(d.state, Tick(), ctx(DEADLINE))
+    assert [(c.event_type, getattr(c, "vnfm_id", None)) for c in d.commands] == [
+        ("NoticeExpired", "vnfm-b")
+    ]
+    late_b = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx(DEADLINE))
+    assert [r.reason for r in late_b.rejections] == [RejectionReason.LATE]
+    d = decide(d.state, reply(sent["vnfm-a"], {"vm-1": SWITCHED}), ctx(T0 + timedelta(seconds=60)))
+    [moved] = d.commands
+    assert isinstance(moved, BusinessMoved) and moved.timed_out  # vnfm-b never answered
+    assert outcome_map(moved)["vm-1"] is SWITCHED and outcome_map(moved)["vm-3"] is LEFT
+
+
+def test_heartbeats_stop_at_the_hard_deadline_then_the_notice_expires() -> None:
+    d = decide(AdapterState(), hb_request(), ctx())
+    sent = notices(d)
+    d = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx())
+    deadlines = []
+    for i, at in enumerate((30, 55, 80, 95)):
+        d = decide(d.state, heartbeat(sent["vnfm-a"], 30, i), ctx(T0 + timedelta(seconds=at)))
+        deadlines += [c.deadline for c in of_type(d.commands, BusinessMoveDeadlineExtended)]
+    assert deadlines == [T0 + timedelta(seconds=s) for s in (60, 85, 100)]  # 95+30 capped
+    d = decide(d.state, heartbeat(sent["vnfm-a"], 30, 9), ctx(T0 + timedelta(seconds=96)))
+    [told] = d.commands
+    assert isinstance(told, VnfmReplyRejected) and told.reason == "hard_deadline_reached"
+    d = decide(d.state, Tick(), ctx(HARD))
+    assert [c.event_type for c in d.commands] == ["NoticeExpired", "BusinessMoved"]
+    assert of_type(d.commands, BusinessMoved)[0].timed_out
+
+
+def test_heartbeat_without_a_hard_deadline_or_asking_less_changes_nothing() -> None:
+    d = decide(AdapterState(), hb_request(hard=None), ctx())
+    a = notices(d)["vnfm-a"]
+    r = decide(d.state, heartbeat(a, 30), ctx())
+    assert [x.reason for x in r.rejections] == [RejectionReason.NO_EXTENSION]
+    assert r.state == d.state and [c.event_type for c in r.commands] == ["VnfmReplyRejected"]
+    d = decide(AdapterState(), hb_request(), ctx())
+    a = notices(d)["vnfm-a"]
+    r = decide(d.state, heartbeat(a, 5), ctx(T0 + timedelta(seconds=1)))  # 6 s < 40 s
+    assert r.commands == () and r.rejections == () and r.state == d.state
+    answered = decide(d.state, reply(a, {"vm-1": SWITCHED}), ctx()).state
+    r = decide(answered, heartbeat(a, 30), ctx())
+    assert [x.reason for x in r.rejections] == [RejectionReason.ALREADY_ANSWERED]
+
+
+# --- recovery --------------------------------------------------------------------------------
+
+AS1 = ("vnf-as-1",)
+
+
+def recovery_registry(*, signal: bool = False, min_recovery_s: float = 0.0) -> VnfRegistry:
+    reg = registry()
+    profile = reg.get("vnf-as-1")
+    assert profile is not None
+    reg.put(
+        profile.model_copy(update={"recovery_signal": signal, "min_recovery_s": min_recovery_s})
+    )
+    return reg
+
+
+def later_request(at: datetime, lead_s: float = 40.0) -> BusinessMoveRequested:
+    """node-2 carries vm-2 (vnf-as-1's other member) and vm-4 (vnf-lb-1)."""
+    return BusinessMoveRequested(
+        event_id=uuid.uuid5(uuid.NAMESPACE_URL, f"node-2/{at.isoformat()}"),
+        campaign_id=CAMPAIGN,
+        node_id="node-2",
+        vms=(VmRef(vm_id="vm-2", vnf_id="vnf-as-1"), VmRef(vm_id="vm-4", vnf_id="vnf-lb-1")),
+        deadline=at + timedelta(seconds=lead_s),
+        hard_deadline=at + timedelta(seconds=300),
+        occurred_at=at,
+        producer="upgrade-manager",
+    )
+
+
+def recovered(vnf_id: str = "vnf-as-1", vnfm_id: str = "vnfm-a") -> VnfRecovered:
+    return VnfRecovered(vnfm_id=vnfm_id, vnf_id=vnf_id, producer="vnfm")
+
+
+def test_timed_recovery_holds_the_next_notice_and_counts_its_deadline_from_the_send() -> None:
+    reg = recovery_registry(min_recovery_s=10)
+    d = decide(AdapterState(), node_available(AS1), ctx(T0, reg))
+    assert d.state.recovering["vnf-as-1"].until == T0 + timedelta(seconds=10)
+    t2 = T0 + timedelta(seconds=2)
+    req = later_request(t2)
+    d = decide(d.state, req, ctx(t2, reg))
+    # vnfm-b's notice goes out; vnfm-a's waits; the manager learns the expected deadline
+    assert list(notices(d)) == ["vnfm-b"]
+    [ext] = of_type(d.commands, BusinessMoveDeadlineExtended)
+    assert ext.deadline == T0 + timedelta(seconds=10 + 40) and ext.causation_id == req.event_id
+    assert "held until vnf-as-1 recovered" in ext.reason
+    assert next_deadline(d.state) == T0 + timedelta(seconds=10)
+    assert decide(d.state, Tick(), ctx(T0 + timedelta(seconds=9.9), reg)).commands == ()
+    d = decide(d.state, Tick(), ctx(T0 + timedelta(seconds=10), reg))
+    [sent_a] = d.commands  # nothing new to tell the manager: it was told 50 already
+    assert isinstance(sent_a, VnfMaintenanceNotified) and sent_a.vnfm_id == "vnfm-a"
+    assert sent_a.reply_deadline == T0 + timedelta(seconds=50)
+    assert sent_a.occurred_at == T0 + timedelta(seconds=10)
+    assert "vnf-as-1" not in d.state.recovering
+    d = decide(d.state, reply(sent_a, {"vm-2": SWITCHED}), ctx(T0 + timedelta(seconds=45), reg))
+    assert [c.event_type for c in d.commands] == ["NoticeExpired", "BusinessMoved"]  # b at 42
+
+
+def test_signal_recovery_waits_for_vnf_recovered_from_the_right_vnfm() -> None:
+    reg = recovery_registry(signal=True, min_recovery_s=1)
+    d = decide(AdapterState(), node_available(AS1), ctx(T0, reg))
+    t2 = T0 + timedelta(seconds=2)
+    d = decide(d.state, later_request(t2), ctx(t2, reg))
+    [ext] = of_type(d.commands, BusinessMoveDeadlineExtended)
+    assert ext.deadline == t2 + timedelta(seconds=300)  # the hold's cap: its hard deadline
+    # min_recovery_s does not apply to a VNF that signals
+    assert list(notices(decide(d.state, Tick(), ctx(T0 + timedelta(seconds=30), reg)))) == []
+    for bad, reason in (
+        (recovered(vnfm_id="vnfm-b"), "wrong_vnfm"),
+        (recovered("vnf-nope"), "unknown_vnf"),
+    ):
+        r = decide(d.state, bad, ctx(t2, reg))
+        [told] = r.commands
+        assert isinstance(told, VnfmReplyRejected) and told.reason == reason
+        assert told.notice_id is None and r.state == d.state
+    t5 = T0 + timedelta(seconds=5)
+    d = decide(d.state, recovered(), ctx(t5, reg))
+    [sent_a] = d.commands
+    assert isinstance(sent_a, VnfMaintenanceNotified) and sent_a.vnfm_id == "vnfm-a"
+    assert sent_a.reply_deadline == t5 + timedelta(seconds=40)
+    # the hard deadline moved by as much as the notice waited
+    notice = d.state.nodes["node-2"].notice(sent_a.notice_id)
+    assert notice is not None and notice.hard_deadline == t5 + timedelta(seconds=300)
+    again = decide(d.state, recovered(), ctx(t5, reg))
+    assert again.commands == () and [r.reason for r in again.rejections] == [
+        RejectionReason.NOT_RECOVERING
+    ]
+
+
+def test_a_vnf_that_never_recovers_is_given_up_at_the_hard_deadline() -> None:
+    reg = recovery_registry(signal=True)
+    d = decide(AdapterState(), node_available(AS1), ctx(T0, reg))
+    req = later_request(T0)
+    d = decide(d.state, req, ctx(T0, reg))
+    b = notices(d)["vnfm-b"]
+    d = decide(d.state, reply(b, {"vm-4": DRAINED}), ctx(T0, reg))
+    assert of_type(d.commands, BusinessMoved) == []
+    assert req.hard_deadline is not None
+    assert (
+        decide(d.state, Tick(), ctx(req.hard_deadline - timedelta(seconds=1), reg)).commands == ()
+    )
+    d = decide(d.state, Tick(), ctx(req.hard_deadline, reg))
+    [moved] = d.commands  # the notice was never sent: nothing to expire at vnfm-a
+    assert isinstance(moved, BusinessMoved) and moved.timed_out
+    assert outcome_map(moved) == {"vm-2": LEFT, "vm-4": DRAINED}
+
+
+def test_recovery_records_are_persisted_restarted_once_and_forgotten() -> None:
+    reg = recovery_registry(min_recovery_s=10)
+    available = node_available(AS1)
+    d = decide(AdapterState(), available, ctx(T0, reg))
+    changes = changed_records(AdapterState(), d.state)
+    record = d.state.recovering["vnf-as-1"]
+    assert changes == {"vnf/vnf-as-1": record}
+    assert VnfRecovery.model_validate_json(record.model_dump_json()) == record
+    assert state_from_records([record]) == d.state
+    # a redelivered NodeAvailable does not restart the clock
+    again = decide(d.state, available, ctx(T0 + timedelta(seconds=5), reg))
+    assert again.state.recovering["vnf-as-1"] is record
+    ended = decide(d.state, Tick(), ctx(T0 + timedelta(seconds=10), reg))
+    assert changed_records(d.state, ended.state) == {"vnf/vnf-as-1": None}
+    # a VNF without recovery time or signal never waits
+    plain = decide(AdapterState(), node_available(AS1), ctx(T0))
+    assert plain.state.recovering == {}
+
+
+def test_version_1_records_still_load() -> None:
+    v1 = {
+        "record_version": 1,
+        "node_id": "node-1",
+        "campaign_id": CAMPAIGN,
+        "attempt": 1,
+        "request_id": str(uuid.uuid4()),
+        "correlation_id": None,
+        "deadline": DEADLINE.isoformat(),
+        "vms": [{"vm_id": "vm-1", "vnf_id": "vnf-as-1"}],
+        "notices": [
+            {
+                "notice_id": "n-1",
+                "vnfm_id": "vnfm-a",
+                "vms": [{"vm_id": "vm-1", "vnf_id": "vnf-as-1"}],
+                "outcomes": None,
+            }
+        ],
+        "closed": False,
+        "timed_out": False,
+    }
+    record = NodeCollection.model_validate(v1)
+    state = state_from_records([record])
+    assert next_deadline(state) == DEADLINE
+    d = decide(state, Tick(), ctx(DEADLINE))
+    assert [c.event_type for c in d.commands] == ["NoticeExpired", "BusinessMoved"]

@@ -17,6 +17,7 @@ from typing import Any
 from schemas.envelope import Event, command_id
 from schemas.events import (
     BusinessMoved,
+    BusinessMoveDeadlineExtended,
     CampaignCompleted,
     CampaignFailed,
     CampaignRejected,
@@ -203,6 +204,8 @@ def route(txn: Txn, event: Event) -> None:
             cycle.on_maintenance_refused(txn, node, event)
         case BusinessMoved():
             cycle.on_business_moved(txn, node, event)
+        case BusinessMoveDeadlineExtended():
+            cycle.on_deadline_extended(txn, node, event)
         case VmMigrated():
             cycle.on_vm_migrated(txn, node, event.vm_id)
         case VmMigrationFailed():
@@ -257,6 +260,7 @@ def select_next(
 
     Kept apart so that smarter planning (VNF anti-affinity, capacity) can replace it. A node whose
     agent is not live is passed over, never drained: it may hold VMs the VIM cannot upgrade under.
+    A deferred node waiting for its retry time is passed over silently: it blocks nobody.
     """
     order = plan.node_order
     scan_from = campaign.scan_from
@@ -269,7 +273,8 @@ def select_next(
     for node_id in islice(order, scan_from, None):
         if slots <= 0:
             break
-        if nodes[node_id].step is not NodeStep.PENDING:
+        record = nodes[node_id]
+        if record.step is not NodeStep.PENDING or record.waiting_to_retry(ctx.now):
             continue
         agent = ctx.agents.get(node_id)
         if agent is None or not agent.is_live(ctx.now, plan.policy.agent_liveness_s):

@@ -7,7 +7,7 @@ Every id is `command_id(campaign_id, node_id, step, attempt[, vm_id])`: a comman
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.envelope import Event, command_id
@@ -42,22 +42,44 @@ def envelope(
     }
 
 
-def step_command_id(plan: CampaignPlan, node_id: str, step: NodeStep, attempt: int) -> uuid.UUID:
-    return command_id(plan.campaign_id, node_id, step.value, attempt)
+def round_part(deferrals: int) -> tuple[str, ...]:
+    """The id segment of a node's cycle after `deferrals` deferrals: none for the first cycle
+    (ids as before deferrals existed), so each retried cycle's commands are new commands for
+    their receivers rather than duplicates of the deferred cycle's."""
+    return (f"round-{deferrals}",) if deferrals else ()
 
 
-def migration_command_id(plan: CampaignPlan, node_id: str, m: PendingMigration) -> uuid.UUID:
-    return command_id(plan.campaign_id, node_id, NodeStep.MIGRATING.value, m.sent.attempt, m.vm_id)
+def step_command_id(
+    plan: CampaignPlan, node_id: str, step: NodeStep, attempt: int, deferrals: int = 0
+) -> uuid.UUID:
+    return command_id(plan.campaign_id, node_id, step.value, attempt, *round_part(deferrals))
 
 
-def _env(plan: CampaignPlan, node_id: str, step: NodeStep, sent: Sent) -> dict[str, Any]:
-    event_id = step_command_id(plan, node_id, step, sent.attempt)
+def migration_command_id(
+    plan: CampaignPlan, node_id: str, m: PendingMigration, deferrals: int = 0
+) -> uuid.UUID:
+    return command_id(
+        plan.campaign_id,
+        node_id,
+        NodeStep.MIGRATING.value,
+        m.sent.attempt,
+        m.vm_id,
+        *round_part(deferrals),
+    )
+
+
+def _env(
+    plan: CampaignPlan, node_id: str, step: NodeStep, sent: Sent, deferrals: int
+) -> dict[str, Any]:
+    event_id = step_command_id(plan, node_id, step, sent.attempt, deferrals)
     return envelope(plan, event_id, sent.at, sent.cause)
 
 
-def claim_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeMaintenanceRequested:
+def claim_command(
+    plan: CampaignPlan, node_id: str, sent: Sent, deferrals: int = 0
+) -> NodeMaintenanceRequested:
     return NodeMaintenanceRequested(
-        **_env(plan, node_id, NodeStep.CLAIMING, sent),
+        **_env(plan, node_id, NodeStep.CLAIMING, sent, deferrals),
         node_id=node_id,
         holder=plan.campaign_id,
         attempt=sent.attempt,
@@ -71,22 +93,36 @@ def vms_to_notify(node: NodeRecord) -> tuple[VmRef, ...]:
     )
 
 
+def notify_attempt(node: NodeRecord, sent: Sent) -> int:
+    """The `attempt` of a node's BusinessMoveRequested: higher in every retried cycle, so that the
+    VNFM adapter sees a new request (and sends notices with new ids) after a deferral."""
+    return sent.attempt + node.deferrals
+
+
 def notify_command(plan: CampaignPlan, node: NodeRecord, sent: Sent) -> BusinessMoveRequested:
     assert node.vnfm_deadline is not None, "NOTIFYING always records the VNFM deadline"
+    policy = plan.policy
+    hard = sent.at + timedelta(seconds=policy.vnfm_hard_timeout_s)
     return BusinessMoveRequested(
-        **_env(plan, node.node_id, NodeStep.NOTIFYING, sent),
+        **_env(plan, node.node_id, NodeStep.NOTIFYING, sent, node.deferrals),
         node_id=node.node_id,
         vms=vms_to_notify(node),
         deadline=node.vnfm_deadline,
-        attempt=sent.attempt,
+        attempt=notify_attempt(node, sent),
+        extension_max_s=policy.vnfm_extension_max_s,
+        hard_deadline=max(hard, node.vnfm_deadline),
     )
 
 
-def migrate_command(plan: CampaignPlan, node_id: str, m: PendingMigration) -> VmMigrationRequested:
+def migrate_command(
+    plan: CampaignPlan, node_id: str, m: PendingMigration, deferrals: int = 0
+) -> VmMigrationRequested:
     # No destination on purpose: placement is the Cloud Manager's, which knows capacity and
     # which nodes are in maintenance at the moment it places.
     return VmMigrationRequested(
-        **envelope(plan, migration_command_id(plan, node_id, m), m.sent.at, m.sent.cause),
+        **envelope(
+            plan, migration_command_id(plan, node_id, m, deferrals), m.sent.at, m.sent.cause
+        ),
         vm_id=m.vm_id,
         node_id=node_id,
         destination_node_id=None,
@@ -94,19 +130,23 @@ def migrate_command(plan: CampaignPlan, node_id: str, m: PendingMigration) -> Vm
     )
 
 
-def upgrade_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeUpgradeRequested:
+def upgrade_command(
+    plan: CampaignPlan, node_id: str, sent: Sent, deferrals: int = 0
+) -> NodeUpgradeRequested:
     assert plan.manifest is not None, "a running campaign has a manifest"
     return NodeUpgradeRequested(
-        **_env(plan, node_id, NodeStep.UPGRADING, sent),
+        **_env(plan, node_id, NodeStep.UPGRADING, sent, deferrals),
         node_id=node_id,
         manifest=plan.manifest,
         attempt=sent.attempt,
     )
 
 
-def release_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeMaintenanceExitRequested:
+def release_command(
+    plan: CampaignPlan, node_id: str, sent: Sent, deferrals: int = 0
+) -> NodeMaintenanceExitRequested:
     return NodeMaintenanceExitRequested(
-        **_env(plan, node_id, NodeStep.RELEASING, sent),
+        **_env(plan, node_id, NodeStep.RELEASING, sent, deferrals),
         node_id=node_id,
         holder=plan.campaign_id,
         attempt=sent.attempt,
@@ -115,20 +155,21 @@ def release_command(plan: CampaignPlan, node_id: str, sent: Sent) -> NodeMainten
 
 def in_flight_commands(plan: CampaignPlan, node: NodeRecord) -> list[Event]:
     """The commands a node in a waiting step is waiting on, rebuilt with their original ids."""
+    r = node.deferrals
     if node.step is NodeStep.MIGRATING:
-        return [migrate_command(plan, node.node_id, m) for m in node.migrations]
+        return [migrate_command(plan, node.node_id, m, r) for m in node.migrations]
     if node.sent is None:
         return []
     sent = node.sent
     match node.step:
         case NodeStep.CLAIMING:
-            return [claim_command(plan, node.node_id, sent)]
+            return [claim_command(plan, node.node_id, sent, r)]
         case NodeStep.NOTIFYING:
             return [notify_command(plan, node, sent)]
         case NodeStep.UPGRADING:
-            return [upgrade_command(plan, node.node_id, sent)]
+            return [upgrade_command(plan, node.node_id, sent, r)]
         case NodeStep.RELEASING:
-            return [release_command(plan, node.node_id, sent)]
+            return [release_command(plan, node.node_id, sent, r)]
         case _:
             return []
 

@@ -3,6 +3,17 @@
 Each handler acts only when the input fits the node's current step; anything else (a duplicate, a
 late reply to an attempt that was already re-sent, an event for a finished node) is ignored, which
 is what makes redelivery harmless.
+
+A VNFM may refuse to move its business now (`BusinessMoved.refusals`): the node is released
+untouched (nothing migrated, nothing upgraded) and *deferred*: back to PENDING, not started again
+before `policy.deferral_s` has passed, while other nodes go on. Every retried cycle is a new
+round (`NodeRecord.deferrals`) whose command ids differ from the deferred round's, so receivers
+treat them as new commands. After `policy.max_deferrals` deferrals of a node, a further refusal
+is handled like a VNFM timeout: `policy.on_vnfm_timeout` (migrate, skip-node, abort) applies.
+
+The VNFM adapter may move the VNFM deadline later (`BusinessMoveDeadlineExtended`: a VNFM
+heartbeat, or a notice held until its VNF recovered); the node's backstop follows it (the new
+deadline plus `BACKSTOP_GRACE`) and never moves earlier.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from datetime import timedelta
 from schemas.envelope import command_id
 from schemas.events import (
     BusinessMoved,
+    BusinessMoveDeadlineExtended,
     NodeAvailable,
     NodeMaintenanceEntered,
     NodeMaintenanceRefused,
@@ -22,7 +34,7 @@ from schemas.events import (
     NodeUpgradeProgressed,
     VmMigrationFailed,
 )
-from schemas.types import VmBusinessOutcome, VmOnNode, VnfmTimeoutPolicy
+from schemas.types import VmBusinessOutcome, VmOnNode, VnfmRefusal, VnfmTimeoutPolicy
 
 from .commands import (
     AVAILABLE,
@@ -32,6 +44,7 @@ from .commands import (
     listing,
     migrate_command,
     migration_command_id,
+    round_part,
     step_command_id,
     vms_to_notify,
 )
@@ -114,8 +127,45 @@ def begin_notify(txn: Txn, node: NodeRecord) -> None:
     txn.emit(*in_flight_commands(txn.plan, node))
 
 
+def _answers_current_request(txn: Txn, node: NodeRecord, event: BusinessMoved) -> bool:
+    """An answer caused by this round's request (or one without causation, from older
+    producers): a redelivered answer of a deferred round must not decide the retried one."""
+    if event.causation_id is None or node.sent is None:
+        return True
+    current = step_command_id(
+        txn.plan, node.node_id, NodeStep.NOTIFYING, node.sent.attempt, node.deferrals
+    )
+    return event.causation_id == current
+
+
 def on_business_moved(txn: Txn, node: NodeRecord, event: BusinessMoved) -> None:
-    business_moved(txn, node, event.outcomes, timed_out=event.timed_out)
+    if node.step is not NodeStep.NOTIFYING or not _answers_current_request(txn, node, event):
+        return
+    business_moved(txn, node, event.outcomes, timed_out=event.timed_out, refusals=event.refusals)
+
+
+def on_deadline_extended(txn: Txn, node: NodeRecord, event: BusinessMoveDeadlineExtended) -> None:
+    """The adapter waits longer (a VNFM heartbeat, or a notice held for recovery): so does the
+    backstop. It never moves earlier: the adapter may still be waiting until the later one."""
+    if node.step is not NodeStep.NOTIFYING or node.sent is None:
+        return
+    if event.causation_id is not None and event.causation_id != step_command_id(
+        txn.plan, node.node_id, NodeStep.NOTIFYING, node.sent.attempt, node.deferrals
+    ):
+        return
+    backstop = event.deadline + BACKSTOP_GRACE
+    if backstop <= node.sent.deadline:
+        return
+    detail = (
+        f"waiting for the VNFMs of {listing(node.vnf_ids)} until {clock(event.deadline)} "
+        f"(extended: {event.reason})"
+    )
+    node = txn.save(
+        node.model_copy(
+            update={"sent": node.sent.model_copy(update={"deadline": backstop}), "detail": detail}
+        )
+    )
+    txn.progress(node)
 
 
 def on_backstop(txn: Txn, node: NodeRecord) -> None:
@@ -124,21 +174,36 @@ def on_backstop(txn: Txn, node: NodeRecord) -> None:
 
 
 def business_moved(
-    txn: Txn, node: NodeRecord, outcomes: Iterable[VmBusinessOutcome], *, timed_out: bool
+    txn: Txn,
+    node: NodeRecord,
+    outcomes: Iterable[VmBusinessOutcome],
+    *,
+    timed_out: bool,
+    refusals: Iterable[VnfmRefusal] = (),
 ) -> None:
     if node.step is not NodeStep.NOTIFYING:
         return
     policy = txn.policy
-    if timed_out and policy.on_vnfm_timeout is VnfmTimeoutPolicy.SKIP_NODE:
-        release(
-            txn,
-            node,
-            NodeStep.SKIPPED,
-            "a VNFM did not answer before the deadline; node skipped (policy skip-node)",
-        )
+    refused = tuple(refusals)
+    if refused and node.deferrals < policy.max_deferrals:
+        defer(txn, node, refused)
         return
-    if timed_out and policy.on_vnfm_timeout is VnfmTimeoutPolicy.ABORT:
-        reason = f"a VNFM did not answer before the deadline for {node.node_id} (policy abort)"
+    if refused:
+        why = (
+            f"{_refusal_text(refused)}, still refused after {node.deferrals} deferral(s) "
+            f"(max_deferrals {policy.max_deferrals})"
+        )
+        note = f" ({why}; policy migrate)"
+    elif timed_out:
+        why = "a VNFM did not answer before the deadline"
+        note = " (VNFM timed out)"
+    else:
+        why = note = ""
+    if why and policy.on_vnfm_timeout is VnfmTimeoutPolicy.SKIP_NODE:
+        release(txn, node, NodeStep.SKIPPED, f"{why}; node skipped (policy skip-node)")
+        return
+    if why and policy.on_vnfm_timeout is VnfmTimeoutPolicy.ABORT:
+        reason = f"{why} for {node.node_id} (policy abort)"
         release(txn, node, NodeStep.SKIPPED, f"campaign aborted: {reason}")
         abort_campaign(txn, reason)
         return
@@ -149,7 +214,47 @@ def business_moved(
     to_migrate = [
         vm.vm_id for vm in node.vms or () if policy.migrate_moved_vms or vm.vm_id not in moved
     ]
-    begin_migrations(txn, node, to_migrate, " (VNFM timed out)" if timed_out else "")
+    begin_migrations(txn, node, to_migrate, note)
+
+
+# --- deferral ------------------------------------------------------------------------------
+
+
+def _refusal_text(refusals: tuple[VnfmRefusal, ...]) -> str:
+    return "; ".join(f"{r.vnfm_id}: {r.reason}" for r in refusals)
+
+
+def defer(txn: Txn, node: NodeRecord, refusals: tuple[VnfmRefusal, ...]) -> None:
+    """Release the node untouched; it goes back to PENDING once out of maintenance."""
+    retry_at = txn.ctx.now + timedelta(seconds=txn.policy.deferral_s)
+    detail = (
+        f"deferred by {_refusal_text(refusals)} ({node.deferrals + 1}/{txn.policy.max_deferrals})"
+        f", retry after {clock(retry_at)}"
+    )
+    release(txn, node.model_copy(update={"retry_at": retry_at}), NodeStep.PENDING, detail)
+
+
+def _requeue(txn: Txn, node: NodeRecord) -> None:
+    """A deferred node is out of maintenance: PENDING again, its slot free for other nodes."""
+    txn.enter(
+        node,
+        NodeStep.PENDING,
+        node.outcome_detail,
+        sent=None,
+        vms=None,
+        vnfm_deadline=None,
+        migrations=(),
+        upgrade_percent=None,
+        outcome=None,
+        outcome_detail="",
+        deferrals=node.deferrals + 1,
+    )
+    campaign = txn.campaign
+    index = txn.plan.node_order.index(node.node_id)
+    txn.update_campaign(
+        active=tuple(n for n in campaign.active if n != node.node_id),
+        scan_from=min(campaign.scan_from, index),
+    )
 
 
 # --- MIGRATING -----------------------------------------------------------------------------
@@ -186,7 +291,7 @@ def on_vm_migration_failed(txn: Txn, node: NodeRecord, event: VmMigrationFailed)
     pending = _pending(node, event.vm_id)
     # Only the answer to the attempt in flight counts; an older attempt's failure is stale.
     if pending is None or event.causation_id != migration_command_id(
-        txn.plan, node.node_id, pending
+        txn.plan, node.node_id, pending, node.deferrals
     ):
         return
     retry_migration(txn, node, pending, f"VM {event.vm_id} could not be migrated: {event.reason}")
@@ -206,7 +311,7 @@ def retry_migration(txn: Txn, node: NodeRecord, pending: PendingMigration, why: 
     migrations = tuple(retry if m.vm_id == pending.vm_id else m for m in node.migrations)
     detail = f"{_migrating_detail(migrations)}; retrying {pending.vm_id} (attempt {attempt + 1})"
     node = txn.save(node.model_copy(update={"migrations": migrations, "detail": detail}))
-    txn.emit(migrate_command(txn.plan, node.node_id, retry))
+    txn.emit(migrate_command(txn.plan, node.node_id, retry, node.deferrals))
     return node
 
 
@@ -247,7 +352,9 @@ def on_upgraded(txn: Txn, node: NodeRecord, event: NodeUpgraded) -> None:
 def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> None:
     if node.step is not NodeStep.UPGRADING or node.sent is None:
         return
-    current = step_command_id(txn.plan, node.node_id, NodeStep.UPGRADING, node.sent.attempt)
+    current = step_command_id(
+        txn.plan, node.node_id, NodeStep.UPGRADING, node.sent.attempt, node.deferrals
+    )
     if event.causation_id != current:
         return  # the failure of an attempt that was already re-sent
     finish(
@@ -266,7 +373,8 @@ QUARANTINED = "node kept in maintenance (quarantined) so that it takes no VMs"
 
 
 def release(txn: Txn, node: NodeRecord, outcome: NodeStep, reason: str) -> NodeRecord:
-    """Take the node out of maintenance; it ends as `outcome` once the exit is confirmed."""
+    """Take the node out of maintenance; it ends as `outcome` once the exit is confirmed
+    (PENDING: deferred, it will be tried again)."""
     sent = txn.sent(txn.policy.step_timeout_s)
     node = txn.enter(
         node,
@@ -287,7 +395,9 @@ def on_maintenance_exited(txn: Txn, node: NodeRecord) -> None:
     if node.vms is not None:
         # The VNFMs saw the node go into maintenance (and were notified if they had VMs on it):
         # tell them it is back, whatever the outcome, so that they may use it again.
-        event_id = command_id(txn.campaign.campaign_id, node.node_id, AVAILABLE, 1)
+        event_id = command_id(
+            txn.campaign.campaign_id, node.node_id, AVAILABLE, 1, *round_part(node.deferrals)
+        )
         txn.emit(
             NodeAvailable(
                 **envelope(txn.plan, event_id, txn.ctx.now, txn.cause_id),
@@ -295,6 +405,9 @@ def on_maintenance_exited(txn: Txn, node: NodeRecord) -> None:
                 vnf_ids=node.vnf_ids,
             )
         )
+    if node.outcome is NodeStep.PENDING:
+        _requeue(txn, node)
+        return
     outcome = node.outcome or NodeStep.DONE
     detail = node.outcome_detail
     if outcome is NodeStep.DONE:

@@ -84,13 +84,23 @@ class NodeRecord(ValueModel):
     vnfm_deadline: AwareDatetime | None = None
     migrations: tuple[PendingMigration, ...] = ()
     upgrade_percent: float | None = None
-    # What the node becomes once maintenance is released: DONE, SKIPPED or FAILED.
+    # What the node becomes once maintenance is released: DONE, SKIPPED or FAILED, or PENDING
+    # again when a VNFM refused and the node is deferred.
     outcome: NodeStep | None = None
     outcome_detail: str = ""
+    # Times a VNFM refusal sent the node back to PENDING; also the cycle's round, which every
+    # command id of the node carries (0: ids as before deferrals existed).
+    deferrals: int = Field(default=0, ge=0)
+    # A deferred node is not started again before this.
+    retry_at: AwareDatetime | None = None
 
     @property
     def in_cycle(self) -> bool:
         return self.step in IN_CYCLE_STEPS
+
+    def waiting_to_retry(self, now: datetime) -> bool:
+        """A deferred PENDING node whose retry time has not come yet."""
+        return self.step is NodeStep.PENDING and self.retry_at is not None and now < self.retry_at
 
     @property
     def deadline(self) -> datetime | None:

@@ -9,7 +9,7 @@ from datetime import timedelta
 from schemas.envelope import Event, command_id
 from schemas.events import CampaignPolicy, NodeCycleAdvanced, NodeStep
 
-from .commands import clip, envelope
+from .commands import clip, envelope, round_part
 from .state import (
     CampaignPlan,
     CampaignRecord,
@@ -83,7 +83,12 @@ class Txn:
         """Tell watchers where the node is now (one event per step entered, or per blocker)."""
         detail = clip(node.detail)
         event_id = command_id(
-            self.campaign.campaign_id, node.node_id, "progress", node.step, detail
+            self.campaign.campaign_id,
+            node.node_id,
+            "progress",
+            node.step,
+            detail,
+            *round_part(node.deferrals),
         )
         self.emit(
             NodeCycleAdvanced(
