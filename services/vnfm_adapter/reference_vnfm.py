@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -562,8 +563,23 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
         recovery_signal=settings.recovery_signal,
     )
 
+    working: dict[str, asyncio.Task[Reply | None]] = {}
+
+    def finished(notice_id: str, task: asyncio.Task[Reply | None]) -> None:
+        working.pop(notice_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: notice %s failed", vnfm.producer, notice_id, exc_info=task.exception())
+
     async def on_notice(event: VnfMaintenanceNotified, info: object) -> None:
-        await vnfm.handle_notice(event)
+        if vnfm.work_s <= 0 and vnfm.reply_delay_s <= 0:
+            await vnfm.handle_notice(event)
+            return
+        # Slow work runs beside the consume loop, so that a NoticeExpired or NoticeCancelled is
+        # read while it works and the work is abandoned instead of answered late. (Its offset is
+        # committed before it finishes: after a crash the adapter's deadline takes over.)
+        task = asyncio.create_task(vnfm.handle_notice(event), name=f"notice-{event.notice_id}")
+        working[event.notice_id] = task
+        task.add_done_callback(functools.partial(finished, event.notice_id))
 
     async def on_available(event: NodeAvailable, info: object) -> None:
         restored = await vnfm.handle_node_available(event)
@@ -573,6 +589,10 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
     async def on_closed(event: NoticeExpired | NoticeCancelled, info: object) -> None:
         if event.vnfm_id == settings.vnfm_id:
             log.info("%s: %s %s", vnfm.producer, event.event_type, event.notice_id)
+            task = working.pop(event.notice_id, None)
+            if task is not None and not task.done():
+                task.cancel()
+                log.info("%s: abandoned the work on %s", vnfm.producer, event.notice_id)
 
     async def on_rejected(event: VnfmReplyRejected, info: object) -> None:
         if event.vnfm_id == settings.vnfm_id:

@@ -280,8 +280,8 @@ async def test_reference_vnfm_passes_switch_over_and_drain(
 # The reference VNFM flags these scenarios need (being added to reference_vnfm.py).
 REFERENCE_FLAGS = {
     "refusal": ["--refuse-first", "1"],
-    "heartbeat": ["--reply-delay-s", "4", "--heartbeat-s", "1"],
-    "late_reply": ["--reply-delay-s", "4", "--heartbeat-s", "1"],
+    "heartbeat": ["--work-s", "4", "--heartbeat-every", "1"],
+    "late_reply": ["--work-s", "4", "--heartbeat-every", "1"],
 }
 
 
