@@ -33,7 +33,7 @@ fmt: venv
 	$(BIN)/ruff check --fix .
 
 typecheck: venv
-	$(BIN)/mypy schemas services/upgrade_manager/domain
+	$(BIN)/mypy schemas services/upgrade_manager/domain services/vnfm_adapter/domain.py services/node_agent/domain.py services/cloud_manager/domain.py
 
 broker: venv
 	$(BIN)/escalator broker

@@ -140,6 +140,7 @@ def build_upgrade_request(
     on_vnfm_timeout: VnfmTimeoutPolicy,
     campaign_id: str | None,
     requested_by: str,
+    policy_extra: dict[str, Any] | None = None,
 ) -> UpgradeRequested:
     if (manifest is None) == (not artifacts):
         fail("give exactly one of --manifest FILE or --artifact FILE...")
@@ -151,7 +152,10 @@ def build_upgrade_request(
     node_list = [n for item in nodes for n in item.split(",") if n.strip()]
     try:
         policy = CampaignPolicy(
-            max_parallel=max_parallel, vnfm_timeout_s=vnfm_timeout, on_vnfm_timeout=on_vnfm_timeout
+            max_parallel=max_parallel,
+            vnfm_timeout_s=vnfm_timeout,
+            on_vnfm_timeout=on_vnfm_timeout,
+            **(policy_extra or {}),
         )
         return UpgradeRequested(
             campaign_id=campaign_id or new_campaign_id(version),
@@ -203,6 +207,20 @@ def upgrade_start(
     on_vnfm_timeout: Annotated[
         VnfmTimeoutPolicy, typer.Option("--on-vnfm-timeout", help="Policy when the VNFM is late.")
     ] = VnfmTimeoutPolicy.MIGRATE,
+    max_deferrals: Annotated[
+        int, typer.Option("--max-deferrals", min=0, max=100, help="Refusals before the policy.")
+    ] = 3,
+    deferral_s: Annotated[
+        float, typer.Option("--deferral-s", min=0, help="Wait before retrying a refused node.")
+    ] = 60.0,
+    vnfm_extension_max_s: Annotated[
+        float,
+        typer.Option("--vnfm-extension-max-s", min=0.001, help="Most one VNFM heartbeat adds."),
+    ] = 60.0,
+    vnfm_hard_timeout: Annotated[
+        float,
+        typer.Option("--vnfm-hard-timeout", min=0.001, help="No heartbeat extends beyond this."),
+    ] = 3600.0,
     campaign_id: Annotated[str | None, typer.Option("--campaign-id")] = None,
     requested_by: Annotated[str, typer.Option("--requested-by")] = "operator",
 ) -> None:
@@ -218,6 +236,12 @@ def upgrade_start(
         on_vnfm_timeout=on_vnfm_timeout,
         campaign_id=campaign_id,
         requested_by=requested_by,
+        policy_extra={
+            "max_deferrals": max_deferrals,
+            "deferral_s": deferral_s,
+            "vnfm_extension_max_s": vnfm_extension_max_s,
+            "vnfm_hard_timeout_s": vnfm_hard_timeout,
+        },
     )
     try:
         asyncio.run(publish_upgrade_request(kafka_settings(), request))

@@ -457,7 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world", help="simulated cloud URL (ESCALATOR_REFERENCE_VNFM_WORLD_URL)")
     parser.add_argument("--vnfm-id", help="VNFM to play (ESCALATOR_REFERENCE_VNFM_VNFM_ID)")
     parser.add_argument("--group-id", help="consumer group (default per VNFM id)")
-    parser.add_argument("--reply-delay-s", type=float, help="wait before each reply")
+    parser.add_argument(
+        "--reply-delay-s", type=float, help="wait before each reply, even past the deadline"
+    )
     parser.add_argument("--silent", action="store_true", default=None, help="act, but never reply")
     parser.add_argument("--refuse-first", type=int, help="refuse the first N notices")
     parser.add_argument("--refuse-reason", help="the reason given when refusing")
@@ -571,7 +573,8 @@ async def _serve(settings: ReferenceVnfmSettings) -> None:
             log.error("%s: notice %s failed", vnfm.producer, notice_id, exc_info=task.exception())
 
     async def on_notice(event: VnfMaintenanceNotified, info: object) -> None:
-        if vnfm.work_s <= 0 and vnfm.reply_delay_s <= 0:
+        if vnfm.work_s <= 0:
+            # (`--reply-delay-s` stays inline on purpose: it is the deliberately late VNFM.)
             await vnfm.handle_notice(event)
             return
         # Slow work runs beside the consume loop, so that a NoticeExpired or NoticeCancelled is

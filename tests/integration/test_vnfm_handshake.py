@@ -68,7 +68,6 @@ CLI_POLICY_FLAGS = {
     "vnfm_extension_max_s": "--vnfm-extension-max-s",
     "vnfm_hard_timeout_s": "--vnfm-hard-timeout",
 }
-_cli_help: str | None = None
 
 
 # --- the deployment --------------------------------------------------------------------------
@@ -164,7 +163,6 @@ class Handshake(Deployment):
         max_parallel: int = 1,
         **policy: float,
     ) -> None:
-        global _cli_help
         manifest = write_demo_manifest(self.options.run_dir / campaign_id, version)
         args = [
             *("upgrade", "start", "--version", version, "--manifest", str(manifest)),
@@ -174,49 +172,11 @@ class Handshake(Deployment):
         ]
         for node in nodes:
             args += ["--nodes", node]
-        if _cli_help is None:
-            _cli_help = (await self.cli("upgrade", "start", "--help"))[1]
-        if all(CLI_POLICY_FLAGS[name] in _cli_help for name in policy):
-            for name, value in policy.items():
-                args += [CLI_POLICY_FLAGS[name], str(value)]
-            code, out, err = await self.cli(*args)
-            assert code == 0, f"upgrade start exited {code}: {err}"
-            assert out.strip().splitlines()[-1] == campaign_id, out
-            return
-        await self._publish_like_the_cli(campaign_id, version, manifest, args, policy)
-
-    async def _publish_like_the_cli(
-        self,
-        campaign_id: str,
-        version: str,
-        manifest: Path,
-        args: list[str],
-        policy: dict[str, float],
-    ) -> None:
-        """What `upgrade start` does, plus the policy fields it has no flags for yet."""
-        from escalator.cli import build_upgrade_request, publish_upgrade_request
-        from schemas.events import CampaignPolicy
-        from schemas.types import VnfmTimeoutPolicy
-
-        nodes = [args[i + 1] for i, a in enumerate(args) if a == "--nodes"]
-        get = {
-            a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and i + 1 < len(args)
-        }
-        request = build_upgrade_request(
-            version=version,
-            manifest=manifest,
-            artifacts=[],
-            repo_url=None,
-            nodes=nodes,
-            max_parallel=int(get["--max-parallel"]),
-            vnfm_timeout=float(get["--vnfm-timeout"]),
-            on_vnfm_timeout=VnfmTimeoutPolicy(get["--on-vnfm-timeout"]),
-            campaign_id=campaign_id,
-            requested_by="vnfm-handshake-test",
-        )
-        fields = {**request.policy.model_dump(), **policy}
-        request = request.model_copy(update={"policy": CampaignPolicy(**fields)})
-        await publish_upgrade_request(self.settings, request)
+        for name, value in policy.items():
+            args += [CLI_POLICY_FLAGS[name], str(value)]
+        code, out, err = await self.cli(*args)
+        assert code == 0, f"upgrade start exited {code}: {err}"
+        assert out.strip().splitlines()[-1] == campaign_id, out
 
     async def follow(
         self,
