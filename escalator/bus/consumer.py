@@ -310,6 +310,7 @@ class EventConsumer:
         handler_attempts: int = 4,
         retry_backoff_s: float = 0.1,
         retry_backoff_max_s: float = 2.0,
+        # 0 turns skipping off: command receivers must answer a re-sent command again.
         dedupe_capacity: int = 10_000,
         poll_timeout_ms: int = 200,
         max_records: int | None = 100,

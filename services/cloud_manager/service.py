@@ -119,6 +119,9 @@ class CloudManagerService:
             group=self.settings.group_id,
             instance=self.settings.instance_id,
             handlers=handlers,
+            # A re-sent command means its sender may have lost our answer (it restarted before
+            # recording it): the handlers are idempotent by state and answer it again.
+            dedupe_capacity=0,
             background=self._work,
             shutdown_timeout_s=self.settings.shutdown_timeout_s,
         )

@@ -112,6 +112,9 @@ class NodeAgentService:
             group=self.settings.group_id,
             instance=self.agent_id,
             handlers={NodeUpgradeRequested: self._on_request},
+            # A re-sent command means its sender may have lost our answer (it restarted before
+            # recording it): the handlers are idempotent by state and answer it again.
+            dedupe_capacity=0,
             background=self._jobs,
             shutdown_timeout_s=self.settings.shutdown_timeout_s,
         )

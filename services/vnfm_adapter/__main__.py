@@ -84,6 +84,7 @@ async def _serve(settings: Any) -> None:
         ),
     )
     producer = make_producer(kafka)
+    publisher = EventPublisher(producer, kafka)
     consumer = make_consumer(
         kafka,
         settings.group_id,
@@ -96,9 +97,11 @@ async def _serve(settings: Any) -> None:
         try:
             service = bootstrap(
                 settings,
-                registry_source=KafkaRegistrySource(kafka),
+                registry_source=KafkaRegistrySource(
+                    kafka, dead_letters=publisher, instance=settings.instance_id
+                ),
                 consumer=consumer,
-                publisher=EventPublisher(producer, kafka),
+                publisher=publisher,
                 state_store=KafkaStateStore(kafka, producer, settings.state_topic),
                 clock=utcnow,
             )

@@ -524,6 +524,11 @@ def _on_request(out: _Out, request: BusinessMoveRequested, ctx: Context) -> None
     current = out.state.nodes.get(request.node_id)
     if current is not None:
         same = (current.campaign_id, current.attempt) == (request.campaign_id, request.attempt)
+        if (current.request_id == request.event_id or same) and current.closed:
+            # The manager re-sent a request we already answered: it may have lost the answer
+            # (it restarted before recording it), so answer again, with the same id.
+            out.commands.append(_business_moved(current, ctx, current.timed_out))
+            return
         if current.request_id == request.event_id or same:
             out.reject(
                 request,
@@ -665,6 +670,18 @@ def _close(
     out: _Out, record: NodeCollection, ctx: Context, *, timed_out: bool | None = None
 ) -> None:
     """Emit the node's one BusinessMoved and keep the record, closed."""
+    if timed_out is None:
+        timed_out = any(n.expired for n in record.notices)
+    moved = _business_moved(record, ctx, timed_out)
+    out.commands.append(moved)
+    closed = record.model_copy(
+        update={"closed": True, "timed_out": timed_out, "refused": bool(moved.refusals)}
+    )
+    out.state = out.state.with_node(record.node_id, closed)
+
+
+def _business_moved(record: NodeCollection, ctx: Context, timed_out: bool) -> BusinessMoved:
+    """The node's BusinessMoved, always with the same id, so that a repeat is a duplicate."""
     answered: dict[VmId, VmBusinessOutcome] = {
         o.vm_id: o for n in record.notices if n.outcomes is not None for o in n.outcomes
     }
@@ -680,26 +697,18 @@ def _close(
         for n in record.notices
         if n.refusal is not None
     )
-    if timed_out is None:
-        timed_out = any(n.expired for n in record.notices)
-    out.commands.append(
-        BusinessMoved(
-            **_envelope(
-                record,
-                business_moved_id(record.campaign_id, record.node_id, record.attempt),
-                record.request_id,
-                ctx,
-            ),
-            node_id=record.node_id,
-            outcomes=outcomes,
-            timed_out=timed_out,
-            refusals=refusals,
-        )
+    return BusinessMoved(
+        **_envelope(
+            record,
+            business_moved_id(record.campaign_id, record.node_id, record.attempt),
+            record.request_id,
+            ctx,
+        ),
+        node_id=record.node_id,
+        outcomes=outcomes,
+        timed_out=timed_out,
+        refusals=refusals,
     )
-    closed = record.model_copy(
-        update={"closed": True, "timed_out": timed_out, "refused": bool(refusals)}
-    )
-    out.state = out.state.with_node(record.node_id, closed)
 
 
 def _cancel_open(

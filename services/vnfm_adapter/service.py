@@ -46,10 +46,13 @@ from pydantic import ValidationError
 
 from escalator.bus import (
     ConsumerPort,
+    DeadLetterSink,
     EventConsumer,
     EventPublisher,
     ProducerPort,
     RecordInfo,
+    RecordPort,
+    dead_letter_for,
     make_consumer,
     read_to_high_watermark,
     topic_partitions,
@@ -193,9 +196,40 @@ class KafkaRegistrySource:
     the high watermark first (then `loaded` is set), then follows it. One consumer for both
     phases, so no record falls between the initial read and the following."""
 
-    def __init__(self, kafka: KafkaSettings, *, poll_ms: int = 500) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        *,
+        poll_ms: int = 500,
+        dead_letters: DeadLetterSink | None = None,
+        instance: str = "vnfm-adapter",
+    ) -> None:
         self._kafka = kafka
         self._poll_ms = poll_ms
+        self._dead_letters = dead_letters
+        self._instance = instance
+
+    async def _reject(self, record: RecordPort, invalid: InvalidEvent) -> None:
+        """Dead-letter an undecodable registry record (retried until it is published)."""
+        if self._dead_letters is None:
+            return
+        dead = dead_letter_for(
+            record,
+            consumer_group=f"{self._instance} (registry reader)",
+            consumer=self._instance,
+            reason=invalid.reason.value,
+            detail=invalid.detail,
+            event_type=invalid.event_type,
+        )
+        delay = RETRY_BACKOFF_S
+        while True:
+            try:
+                await self._dead_letters.publish_dead_letter(dead)
+                return
+            except Exception as exc:
+                log.warning("registry: dead letter not published yet: %r; retrying", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
 
     async def run(self, registry: VnfRegistry, loaded: asyncio.Event) -> None:
         name = self._kafka.topic(VNF_REGISTRY.name)
@@ -215,7 +249,9 @@ class KafkaRegistrySource:
                     continue
                 for records in batches.values():
                     for record in records:
-                        _apply_registry_record(registry, record.key, record.value)
+                        invalid = _apply_registry_record(registry, record.key, record.value)
+                        if invalid is not None:
+                            await self._reject(record, invalid)
                 for tp in list(behind):
                     high = consumer.highwater(tp)
                     if high is not None and await consumer.position(tp) >= high:
@@ -227,17 +263,21 @@ class KafkaRegistrySource:
             await consumer.stop()
 
 
-def _apply_registry_record(registry: VnfRegistry, key: bytes | None, value: bytes | None) -> None:
+def _apply_registry_record(
+    registry: VnfRegistry, key: bytes | None, value: bytes | None
+) -> InvalidEvent | None:
+    """Apply one registry record; an undecodable one is returned for the dead-letter topic."""
     if key is None:
-        return
+        return None
     if value is None:
         registry.apply(key, None)
-        return
+        return None
     event = decode(value)
     if isinstance(event, VnfRegistered):
         registry.apply(key, event)
-    else:
-        log.warning("registry: record for %r skipped: %s", key, event)
+        return None
+    log.warning("registry: record for %r skipped: %s", key, event)
+    return event if isinstance(event, InvalidEvent) else None
 
 
 # --- the service -----------------------------------------------------------------------------
@@ -315,6 +355,9 @@ class VnfmAdapterService:
                     MaintenanceDeadlineExtended: self._on_input,
                     VnfRecovered: self._on_input,
                 },
+                # A re-sent request means the manager may have lost our answer: the core is
+                # idempotent by state and repeats it (same id), so nothing is skipped here.
+                dedupe_capacity=0,
             )
             if self._stop.is_set():
                 self._loop.request_stop()

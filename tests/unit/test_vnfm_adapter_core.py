@@ -429,14 +429,21 @@ def test_duplicate_reply_after_the_collection_closed_is_harmless() -> None:
 # --- duplicates and attempts -----------------------------------------------------------------
 
 
-def test_duplicate_request_emits_nothing() -> None:
+def test_duplicate_request_while_open_emits_nothing_and_once_answered_repeats_the_answer() -> None:
     d = opened()
     for dup in (request(), request().model_copy(update={"event_id": uuid.uuid4()})):
         again = decide(d.state, dup, ctx())
         assert again.commands == () and again.state == d.state
         assert [r.reason for r in again.rejections] == [RejectionReason.DUPLICATE]
-    closed = decide(d.state, Tick(), ctx(DEADLINE)).state
-    assert decide(closed, request(), ctx(DEADLINE)).commands == ()
+    closing = decide(d.state, Tick(), ctx(DEADLINE))
+    [answer] = of_type(closing.commands, BusinessMoved)
+    # A manager that restarted before recording the answer re-sends its request: it must get
+    # the same answer again (same id), or its node would wait for the backstop.
+    repeat = decide(closing.state, request(), ctx(DEADLINE + timedelta(seconds=5)))
+    [again] = repeat.commands
+    assert isinstance(again, BusinessMoved) and again.event_id == answer.event_id
+    assert (again.outcomes, again.timed_out) == (answer.outcomes, answer.timed_out)
+    assert repeat.state == closing.state
 
 
 def test_newer_attempt_cancels_the_open_notices_and_notifies_again() -> None:
@@ -746,8 +753,17 @@ def test_one_business_moved_per_node_attempt_with_one_outcome_per_vm(
     key_of = {
         business_moved_id(CAMPAIGN, node, attempt): (node, attempt) for node, attempt in requested
     }
-    per_attempt = Counter(key_of[m.event_id] for m in moved)
+    # one answer per (node, attempt): repeats (to re-sent requests) carry the same id and content
+    per_attempt = Counter(key_of[m.event_id] for m in {m.event_id: m for m in moved}.values())
     assert all(count == 1 for count in per_attempt.values()), per_attempt
+    first: dict[uuid.UUID, BusinessMoved] = {}
+    for m in moved:
+        seen = first.setdefault(m.event_id, m)
+        assert (m.outcomes, m.timed_out, m.refusals) == (
+            seen.outcomes,
+            seen.timed_out,
+            seen.refusals,
+        )
     # the latest attempt of every requested node is reported, unless the node was made
     # available again before its collection ended (the manager gave up on it)
     for node, (latest, index) in latest_request.items():
