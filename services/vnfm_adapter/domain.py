@@ -274,9 +274,46 @@ class AdapterState(ValueModel):
         record = self.recovering.get(vnf_id)
         return record is not None and record.recovering(now)
 
-    def release_at(self, notice: Notice, now: datetime) -> datetime | None:
-        """When a held notice's VNFs will all have recovered: None if one waits for a signal."""
+    def impacting(self, vnf_id: str, record: NodeCollection) -> list[str]:
+        """Nodes requested before `record`'s node, still in maintenance, holding VMs of the VNF.
+
+        Only earlier requests count, so holds follow request order and can never wait on each
+        other in a cycle.
+        """
+        mine = _request_order(record)
+        return [
+            other.node_id
+            for other in self.nodes.values()
+            if other.node_id != record.node_id
+            and _request_order(other) < mine
+            and any(vm.vnf_id == vnf_id for vm in other.vms)
+        ]
+
+    def hold_reasons(
+        self, vnf_ids: Iterable[str], record: NodeCollection, registry: VnfRegistry, now: datetime
+    ) -> list[str]:
+        """Why a notice about these VNFs may not be sent yet (empty: it may)."""
+        reasons: list[str] = []
+        for vnf_id in vnf_ids:
+            if self.is_recovering(vnf_id, now):
+                reasons.append(f"{vnf_id} recovering from a previous impact")
+                continue
+            profile = registry.get(vnf_id)
+            budget = profile.max_unavailable if profile is not None else 1
+            others = self.impacting(vnf_id, record)
+            if len(others) >= budget:
+                reasons.append(
+                    f"{vnf_id} already impacted on {', '.join(sorted(others))} "
+                    f"(at most {budget} at once)"
+                )
+        return reasons
+
+    def release_at(self, notice: Notice, owner: NodeCollection, now: datetime) -> datetime | None:
+        """When a held notice's VNFs will all have recovered: None if one waits for a signal
+        (or for another node to leave maintenance)."""
         latest = now
+        if any(self.impacting(v, owner) for v in notice.vnf_ids):
+            return None
         for vnf_id in notice.vnf_ids:
             record = self.recovering.get(vnf_id)
             if record is None or not record.recovering(now):
@@ -288,6 +325,10 @@ class AdapterState(ValueModel):
 
 
 StateRecord = NodeCollection | VnfRecovery
+
+
+def _request_order(record: NodeCollection) -> tuple[datetime, str]:
+    return (record.requested_at or datetime.min.replace(tzinfo=UTC), record.node_id)
 
 
 def record_key(record: StateRecord) -> str:
@@ -607,7 +648,7 @@ def _open(out: _Out, request: BusinessMoveRequested, campaign_id: str, ctx: Cont
                 VmRef(vm_id=vm, vnf_id=vnf) for vnf, vm_ids in by_vnf.items() for vm in vm_ids
             ),
         )
-        if any(out.state.is_recovering(vnf_id, ctx.now) for vnf_id in by_vnf):
+        if out.state.hold_reasons(by_vnf, record, ctx.registry, ctx.now):
             notice = notice.model_copy(update={"held": True})
             held.append(notice)
         else:
@@ -619,9 +660,8 @@ def _open(out: _Out, request: BusinessMoveRequested, campaign_id: str, ctx: Cont
         return
     if held:
         waits = "; ".join(
-            f"notice to {n.vnfm_id} held until "
-            f"{', '.join(v for v in n.vnf_ids if out.state.is_recovering(v, ctx.now))} "
-            f"recovered from a previous impact"
+            f"notice to {n.vnfm_id} held: "
+            f"{'; '.join(out.state.hold_reasons(n.vnf_ids, record, ctx.registry, ctx.now))}"
             for n in held
         )
         record = _announce(out, record, waits, ctx)
@@ -751,7 +791,7 @@ def latest_deadline(state: AdapterState, record: NodeCollection, now: datetime) 
         if not notice.held:
             latest = max(latest, record.deadline_of(notice))
             continue
-        release = state.release_at(notice, now)
+        release = state.release_at(notice, record, now)
         if release is None or release >= record.hold_cap:
             latest = max(latest, record.hold_cap)
         else:
@@ -801,7 +841,9 @@ def _advance(out: _Out, ctx: Context) -> None:
                 pass
             elif notice.held and now >= record.hold_cap:
                 notice = notice.model_copy(update={"expired": True})
-            elif notice.held and not any(out.state.is_recovering(v, now) for v in notice.vnf_ids):
+            elif notice.held and not out.state.hold_reasons(
+                notice.vnf_ids, record, ctx.registry, now
+            ):
                 deadline = max(record.deadline, now + record.window)
                 hard = record.hard_deadline
                 if hard is not None and record.requested_at is not None:

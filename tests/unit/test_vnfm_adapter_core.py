@@ -969,7 +969,7 @@ def test_timed_recovery_holds_the_next_notice_and_counts_its_deadline_from_the_s
     assert list(notices(d)) == ["vnfm-b"]
     [ext] = of_type(d.commands, BusinessMoveDeadlineExtended)
     assert ext.deadline == T0 + timedelta(seconds=10 + 40) and ext.causation_id == req.event_id
-    assert "held until vnf-as-1 recovered" in ext.reason
+    assert "vnf-as-1 recovering from a previous impact" in ext.reason
     assert next_deadline(d.state) == T0 + timedelta(seconds=10)
     assert decide(d.state, Tick(), ctx(T0 + timedelta(seconds=9.9), reg)).commands == ()
     d = decide(d.state, Tick(), ctx(T0 + timedelta(seconds=10), reg))
@@ -1076,3 +1076,54 @@ def test_version_1_records_still_load() -> None:
     assert next_deadline(state) == DEADLINE
     d = decide(state, Tick(), ctx(DEADLINE))
     assert [c.event_type for c in d.commands] == ["NoticeExpired", "BusinessMoved"]
+
+
+def test_a_vnf_is_never_notified_on_more_nodes_at_once_than_its_budget() -> None:
+    # node-1 and node-2 each carry a member of vnf-as-1 (max_unavailable 1): with nodes in
+    # maintenance in parallel, the second notice waits until the first node is back.
+    first = request(node="node-1", vms=(VmRef(vm_id="vm-1", vnf_id="vnf-as-1"),))
+    second = request(node="node-2", vms=(VmRef(vm_id="vm-2", vnf_id="vnf-as-1"),)).model_copy(
+        update={
+            "occurred_at": T0 + timedelta(seconds=1),
+            "hard_deadline": T0 + timedelta(seconds=300),
+        }
+    )
+    d = decide(AdapterState(), first, ctx())
+    [to_first] = notices(d).values()
+    d = decide(d.state, second, ctx(T0 + timedelta(seconds=1)))
+    assert notices(d) == {}
+    [ext] = of_type(d.commands, BusinessMoveDeadlineExtended)
+    assert "vnf-as-1 already impacted on node-1 (at most 1 at once)" in ext.reason
+    # answering node-1's notice does not release node-2: node-1 is still in maintenance
+    d = decide(d.state, reply(to_first, {"vm-1": SWITCHED}), ctx(T0 + timedelta(seconds=2)))
+    assert notices(d) == {}
+    d = decide(d.state, Tick(), ctx(T0 + timedelta(seconds=2)))
+    assert notices(d) == {}
+    # node-1 is back: vnf-as-1 may be impacted again (min_recovery_s is 0 here)
+    d = decide(d.state, node_available(("vnf-as-1",)), ctx(T0 + timedelta(seconds=3)))
+    d = decide(d.state, Tick(), ctx(T0 + timedelta(seconds=3)))
+    [sent] = notices(d).values()
+    assert sent.node_id == "node-2" and sent.vnfs[0].vm_ids == ("vm-2",)
+
+
+def test_a_vnf_with_a_larger_budget_is_notified_on_several_nodes_at_once() -> None:
+    wide = VnfRegistry.of(
+        [
+            VnfProfile(
+                vnf_id="vnf-lb-1",
+                vnfm_id="vnfm-b",
+                redundancy=RedundancyModel.LOAD_BALANCED,
+                members=("vm-3", "vm-4", "vm-5"),
+                min_in_service=1,
+                max_unavailable=2,
+            )
+        ]
+    )
+    d = AdapterState()
+    for i, (node, vm) in enumerate([("node-1", "vm-3"), ("node-2", "vm-4"), ("node-3", "vm-5")]):
+        req = request(node=node, vms=(VmRef(vm_id=vm, vnf_id="vnf-lb-1"),)).model_copy(
+            update={"occurred_at": T0 + timedelta(seconds=i)}
+        )
+        step = decide(d, req, ctx(T0 + timedelta(seconds=i), wide))
+        d = step.state
+        assert bool(notices(step)) == (i < 2), node
