@@ -33,7 +33,13 @@ from escalator.bus.consumer import (
 )
 from escalator.bus.offsets import CommitGate, PollingConsumer
 from escalator.bus.partitioning import assign_own_partition, partition_for_key, topic_partitions
-from escalator.bus.publisher import DeadLetterSink, EventPublisher, ProducerPort, event_headers
+from escalator.bus.publisher import (
+    DeadLetterSink,
+    EventPublisher,
+    ProducerPort,
+    deliver_dead_letter,
+    event_headers,
+)
 from escalator.bus.readback import read_to_high_watermark, scan
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "assign_own_partition",
     "client_kwargs",
     "dead_letter_for",
+    "deliver_dead_letter",
     "ensure_topics",
     "event_headers",
     "is_transient_error",

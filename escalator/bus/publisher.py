@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from escalator.settings import KafkaSettings
@@ -144,3 +144,38 @@ class EventPublisher:
             key=dead.source_topic.encode(),
             headers=headers,
         )
+
+
+async def deliver_dead_letter(
+    sink: DeadLetterSink,
+    dead: DeadLetter,
+    *,
+    backoff_s: float = 0.1,
+    backoff_max_s: float = 5.0,
+    keep_trying: Callable[[], bool] = lambda: True,
+) -> bool:
+    """Publish `dead`, retrying with backoff until the broker acknowledges it.
+
+    The record it stands for must not be committed before its dead letter is durable, so a
+    failure is retried rather than dropped. Returns False only if `keep_trying()` turned false
+    (the caller is stopping) before it was published.
+    """
+    delay = backoff_s
+    while True:
+        try:
+            await sink.publish_dead_letter(dead)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(
+                "cannot dead-letter %s[%d]@%d yet: %r; retrying",
+                dead.source_topic,
+                dead.partition,
+                dead.offset,
+                exc,
+            )
+        if not keep_trying():
+            return False
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, backoff_max_s)

@@ -22,7 +22,13 @@ from typing import Any, Protocol
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
 
-from escalator.bus import BackgroundWork, EventConsumer, EventPublisher, RecordInfo
+from escalator.bus import (
+    BackgroundWork,
+    EventConsumer,
+    EventPublisher,
+    RecordInfo,
+    deliver_dead_letter,
+)
 from escalator.bus.consumer import HANDLER_ERROR, is_transient_error
 from escalator.bus.offsets import CommitGate, PollingConsumer
 from schemas.codec import encode
@@ -287,15 +293,9 @@ class CloudManagerService:
             value_b64=DeadLetter.b64(encode(cmd)),
             headers=tuple((k, DeadLetter.b64(v) or "") for k, v in info.headers),
         )
-        delay = RETRY_BACKOFF_S
-        while True:
-            try:
-                await self._publisher.publish_dead_letter(dead)
-                return
-            except Exception as exc:
-                log.warning("dead letter not published yet: %r; retrying", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        await deliver_dead_letter(
+            self._publisher, dead, backoff_s=RETRY_BACKOFF_S, backoff_max_s=RETRY_BACKOFF_MAX_S
+        )
 
 
 def bootstrap(

@@ -41,7 +41,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from escalator.bus import EventPublisher, ProducerPort, dead_letter_for, partition_for_key
+from escalator.bus import (
+    EventPublisher,
+    ProducerPort,
+    dead_letter_for,
+    deliver_dead_letter,
+    partition_for_key,
+)
 from escalator.bus.connection import make_consumer
 from escalator.bus.consumer import HANDLER_ERROR, is_transient_error
 from escalator.settings import KafkaSettings
@@ -480,23 +486,12 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             detail=detail,
             event_type=event_type,
         )
-        delay = self.settings.retry_backoff_s
-        while True:
-            try:
-                await self._publisher.publish_dead_letter(dead)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error(
-                    "cannot dead-letter %s[%d]@%d: %r",
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    exc,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
+        await deliver_dead_letter(
+            self._publisher,
+            dead,
+            backoff_s=self.settings.retry_backoff_s,
+            backoff_max_s=_RETRY_MAX_S,
+        )
         self.metrics.dead_letters.labels(reason).inc()
         log.warning(
             "dead-lettered %s[%d]@%d to %s (%s: %s)",

@@ -53,6 +53,7 @@ from escalator.bus import (
     RecordInfo,
     RecordPort,
     dead_letter_for,
+    deliver_dead_letter,
     make_consumer,
     read_to_high_watermark,
     topic_partitions,
@@ -221,15 +222,9 @@ class KafkaRegistrySource:
             detail=invalid.detail,
             event_type=invalid.event_type,
         )
-        delay = RETRY_BACKOFF_S
-        while True:
-            try:
-                await self._dead_letters.publish_dead_letter(dead)
-                return
-            except Exception as exc:
-                log.warning("registry: dead letter not published yet: %r; retrying", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        await deliver_dead_letter(
+            self._dead_letters, dead, backoff_s=RETRY_BACKOFF_S, backoff_max_s=RETRY_BACKOFF_MAX_S
+        )
 
     async def run(self, registry: VnfRegistry, loaded: asyncio.Event) -> None:
         name = self._kafka.topic(VNF_REGISTRY.name)
@@ -435,15 +430,9 @@ class VnfmAdapterService:
             value_b64=DeadLetter.b64(encode(event)),
             headers=tuple((k, DeadLetter.b64(v) or "") for k, v in info.headers),
         )
-        delay = RETRY_BACKOFF_S
-        while True:
-            try:
-                await self._publisher.publish_dead_letter(dead)
-                return
-            except Exception as exc:
-                log.warning("dead letter not published yet: %r; retrying", exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+        await deliver_dead_letter(
+            self._publisher, dead, backoff_s=RETRY_BACKOFF_S, backoff_max_s=RETRY_BACKOFF_MAX_S
+        )
 
 
 def _about(event: Event) -> str:

@@ -516,3 +516,37 @@ async def test_loop_waits_for_background_work_on_stop() -> None:
     assert fake.commits == [{TP: 1}]
     assert finished == ["n1"]
     assert work.closed
+
+
+async def test_deliver_dead_letter_retries_until_published_and_stops_when_told() -> None:
+    from escalator.bus.publisher import deliver_dead_letter
+    from schemas.deadletter import DeadLetter
+
+    dead = DeadLetter(
+        source_topic="t",
+        partition=0,
+        offset=7,
+        consumer_group="g",
+        consumer="c",
+        reason="not_json",
+        detail="x",
+    )
+
+    class FlakySink:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.sent = failures, []
+
+        async def publish_dead_letter(self, d: DeadLetter) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("broker away")
+            self.sent.append(d)
+
+    sink = FlakySink(failures=2)
+    assert await deliver_dead_letter(sink, dead, backoff_s=0.001) is True
+    assert sink.sent == [dead]
+    never = FlakySink(failures=10**6)
+    assert (
+        await deliver_dead_letter(never, dead, backoff_s=0.001, keep_trying=lambda: False) is False
+    )
+    assert never.sent == []
