@@ -13,6 +13,8 @@ import signal
 import sys
 from typing import Any
 
+from escalator.entrypoint import settings_error, setup_logging
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -26,11 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     from pydantic import ValidationError
 
     from services.cloud_manager.settings import CloudManagerSettings
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = CloudManagerSettings(**overrides)
     except ValidationError as err:
-        print(f"cloud manager: bad settings:\n{err}", file=sys.stderr)
+        print(settings_error("cloud manager", err), file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(settings))

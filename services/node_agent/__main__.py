@@ -14,6 +14,8 @@ import signal
 import sys
 from typing import Any
 
+from escalator.entrypoint import settings_error, setup_logging
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,11 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     from pydantic import ValidationError
 
     from services.node_agent.settings import NodeAgentSettings
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = NodeAgentSettings(**overrides)
     except ValidationError as err:
-        print(f"node agent: bad settings:\n{err}", file=sys.stderr)
+        print(settings_error("node agent", err), file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(settings))

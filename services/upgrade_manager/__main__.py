@@ -15,6 +15,8 @@ import signal
 import sys
 from typing import Any
 
+from escalator.entrypoint import settings_error, setup_logging
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -31,11 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     # aiokafka logs every group join at INFO; keep its warnings only.
     for noisy in ("aiokafka",):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = UpgradeManagerSettings(**overrides)
         kafka = KafkaSettings()
     except ValidationError as err:
-        print(f"upgrade manager: bad settings:\n{err}", file=sys.stderr)
+        print(settings_error("upgrade manager", err), file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(settings, kafka))

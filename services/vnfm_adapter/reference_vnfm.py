@@ -54,6 +54,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from escalator.entrypoint import settings_error, setup_logging
 from escalator.world.client import WorldClient, WorldError
 from escalator.world.model import VnfView
 from schemas.envelope import Event, command_id, utcnow
@@ -486,11 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     from pydantic import ValidationError
 
     overrides: dict[str, Any] = {
@@ -514,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ReferenceVnfmSettings(**overrides)
     except ValidationError as err:
-        print(f"reference vnfm: bad settings:\n{err}", file=sys.stderr)
+        print(settings_error("reference vnfm", err), file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(settings))

@@ -61,6 +61,7 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from escalator.entrypoint import settings_error, setup_logging
 from escalator.settings import KafkaSettings
 from schemas.envelope import Event, utcnow
 from schemas.events import (
@@ -1176,11 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.openapi:
         sys.stdout.write(openapi_text())
         return 0
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     overrides = {
         name: value
         for name, value in (
@@ -1195,7 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = RestBridgeSettings(**overrides)
         kafka = KafkaSettings()
     except ValidationError as err:
-        print(f"rest bridge: bad settings:\n{err}", file=sys.stderr)
+        print(settings_error("rest bridge", err), file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(settings, kafka))
