@@ -279,7 +279,13 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         while not self._stopping.is_set():
             await asyncio.sleep(interval)
             async with self._lock:
-                running = [c for c, s in self._cache.items() if not s.campaign.status.ended]
+                # Every owned campaign with stored state, cached or not: a campaign whose cache
+                # was dropped after a handler error must still see its deadlines pass.
+                running = [
+                    c
+                    for c in self._state.campaign_ids()
+                    if c not in self._cache or not self._cache[c].campaign.status.ended
+                ]
                 for campaign_id in running:
                     try:
                         await self._decide(campaign_id, Tick())

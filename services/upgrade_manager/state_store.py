@@ -88,6 +88,10 @@ class StoredState:
         for campaign_id in [c for c in self._campaigns if self.partition_of(c) in partitions]:
             del self._campaigns[campaign_id]
 
+    def campaign_ids(self) -> list[str]:
+        """Campaigns with records in the partitions loaded (the owned ones)."""
+        return list(self._campaigns)
+
     def records_of(self, campaign_id: str) -> CampaignRecords | None:
         return self._campaigns.get(campaign_id)
 

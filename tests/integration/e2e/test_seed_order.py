@@ -16,6 +16,7 @@ every node carries VMs without a VNF, which only the VIM can move.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from itertools import pairwise
 
@@ -67,7 +68,20 @@ async def test_each_node_follows_the_seed_order(deploy, campaign_id: str) -> Non
     before = await d.prepare()
     view = await d.run_campaign(campaign_id)
     assert view.state == "completed", f"{view.state}: {view.reason}\n{d.logs()}"
+    # The campaign completes when the last node left maintenance; the adapter's fan-out of
+    # NodeAvailable to the VNFMs follows it, so wait (bounded) until every notified VNFM has it.
     events = await d.campaign_events(campaign_id)
+    for _ in range(50):
+        notified = {(e.node_id, e.vnfm_id) for e in events if isinstance(e, VnfMaintenanceNotified)}
+        told = {
+            (e.node_id, e.vnfm_id)
+            for e in events
+            if isinstance(e, NodeAvailable) and e.vnfm_id is not None
+        }
+        if notified <= told:
+            break
+        await asyncio.sleep(0.2)
+        events = await d.campaign_events(campaign_id)
     after = await d.snapshot()
     by_id = {str(e.event_id): e for e in events}
     vms_before = {vm.id: vm for vm in before.vms}
