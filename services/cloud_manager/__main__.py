@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import settings_error, setup_logging
+from escalator.entrypoint import load_settings, run_until_interrupted, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,25 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from pydantic import ValidationError
-
     from services.cloud_manager.settings import CloudManagerSettings
 
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in (("world_url", args.world), ("instance_id", args.instance_id))
-        if value is not None
-    }
-    try:
-        settings = CloudManagerSettings(**overrides)
-    except ValidationError as err:
-        print(settings_error("cloud manager", err), file=sys.stderr)
+    settings = load_settings(
+        CloudManagerSettings,
+        "cloud manager",
+        world_url=args.world,
+        instance_id=args.instance_id,
+    )
+    if settings is None:
         return 2
-    try:
-        asyncio.run(_serve(settings))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_until_interrupted(_serve(settings))
 
 
 async def _serve(settings: Any) -> None:

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import settings_error, setup_logging
+from escalator.entrypoint import load_settings, run_until_interrupted, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,30 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from pydantic import ValidationError
-
     from services.node_agent.settings import NodeAgentSettings
 
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in (
-            ("node_id", args.node_id),
-            ("world_url", args.world),
-            ("heartbeat_interval_s", args.heartbeat_interval_s),
-            ("reboot_s", args.reboot_s),
-        )
-        if value is not None
-    }
-    try:
-        settings = NodeAgentSettings(**overrides)
-    except ValidationError as err:
-        print(settings_error("node agent", err), file=sys.stderr)
+    settings = load_settings(
+        NodeAgentSettings,
+        "node agent",
+        node_id=args.node_id,
+        world_url=args.world,
+        heartbeat_interval_s=args.heartbeat_interval_s,
+        reboot_s=args.reboot_s,
+    )
+    if settings is None:
         return 2
-    try:
-        asyncio.run(_serve(settings))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_until_interrupted(_serve(settings))
 
 
 async def _serve(settings: Any) -> None:

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import settings_error, setup_logging
+from escalator.entrypoint import load_settings, run_until_interrupted, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,29 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    from pydantic import ValidationError
-
     from services.vnfm_adapter.settings import VnfmAdapterSettings
 
-    overrides: dict[str, Any] = {
-        name: value
-        for name, value in (
-            ("instance_id", args.instance_id),
-            ("group_id", args.group_id),
-            ("tick_s", args.tick_s),
-        )
-        if value is not None
-    }
-    try:
-        settings = VnfmAdapterSettings(**overrides)
-    except ValidationError as err:
-        print(settings_error("vnfm adapter", err), file=sys.stderr)
+    settings = load_settings(
+        VnfmAdapterSettings,
+        "vnfm adapter",
+        instance_id=args.instance_id,
+        group_id=args.group_id,
+        tick_s=args.tick_s,
+    )
+    if settings is None:
         return 2
-    try:
-        asyncio.run(_serve(settings))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_until_interrupted(_serve(settings))
 
 
 async def _serve(settings: Any) -> None:

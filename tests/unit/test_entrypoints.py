@@ -36,6 +36,18 @@ pytestmark = pytest.mark.unit
             ["upgrade manager: bad setting fetch_max_wait_ms", "(got 'abc')"],
         ),
         (
+            "services.cloud_manager",
+            ["--world", "http://w", "--instance-id", ""],
+            {},
+            ["cloud manager: bad setting instance_id"],
+        ),
+        (
+            "services.vnfm_adapter",
+            [],
+            {"ESCALATOR_VNFM_ADAPTER_INSTANCE_ID": ""},
+            ["vnfm adapter: bad setting instance_id"],
+        ),
+        (
             "services.vnfm_adapter.reference_vnfm",
             ["--world", "http://w"],
             {},
