@@ -121,6 +121,57 @@ class CampaignPolicy(ValueModel):
         description="No heartbeat extends a notice beyond its send time plus this.",
         examples=[3600.0],
     )
+    max_per_failure_domain: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="Nodes of one failure domain in their cycle at once (null: no limit).",
+        examples=[2],
+    )
+    canary_nodes: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Size of the first batch; no other node starts until it has finished and "
+        "baked (0: no canary).",
+        examples=[1],
+    )
+    canary_bake_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="Seconds to wait after the canary batch before the next node starts.",
+        examples=[300.0],
+    )
+    window_start: AwareDatetime | None = Field(
+        default=None,
+        description="No node starts before this time (null: no lower bound).",
+        examples=["2026-11-27T01:00:00Z"],
+    )
+    window_end: AwareDatetime | None = Field(
+        default=None,
+        description="No node starts at or after this time; nodes under way finish "
+        "(null: no upper bound).",
+        examples=["2026-11-27T05:00:00Z"],
+    )
+    failure_budget: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000,
+        description="Failed nodes that halt the campaign: no new node starts once this many "
+        "have failed (null: never halt).",
+        examples=[2],
+    )
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> Self:
+        if (
+            self.window_start is not None
+            and self.window_end is not None
+            and self.window_end <= self.window_start
+        ):
+            raise ValueError("window_end must be later than window_start")
+        return self
 
 
 class UpgradeRequested(Event):
@@ -671,6 +722,39 @@ class NodeAgentHeartbeat(Event):
     )
 
 
+class NodeInventoryReported(Event):
+    """The Cloud Manager's view of one compute node: capacity, failure domain, VMs, maintenance.
+
+    Published on a compacted topic keyed by node, whenever the node changes and periodically;
+    the latest record per node is the inventory the planner works from.
+    """
+
+    event_type: Literal["NodeInventoryReported"] = type_field("NodeInventoryReported")
+    node_id: NodeId = _NODE
+    failure_domain: str = Field(
+        min_length=1,
+        max_length=200,
+        description="Failure domain (availability zone, rack, power feed) of the node.",
+        examples=["az-1"],
+    )
+    vcpus: int = Field(ge=1, description="Schedulable vCPUs of the node.", examples=[64])
+    ram_mb: int = Field(ge=1, description="Schedulable RAM of the node, in MiB.", examples=[262144])
+    in_maintenance: bool = Field(
+        description="The node takes no new VM: held for maintenance or disabled.",
+        examples=[False],
+    )
+    maintenance_holder: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Who holds the node in maintenance, if anyone.",
+        examples=[None],
+    )
+    vms: tuple[VmOnNode, ...] = Field(
+        description="VMs on the node, plus migrations under way toward it (incoming).",
+        examples=[[{"vm_id": "vm-0007", "vnf_id": "vnf-epc-1", "vcpus": 4, "ram_mb": 8192}]],
+    )
+
+
 # --- VNF registry ---------------------------------------------------------------------------
 
 
@@ -720,6 +804,11 @@ class VnfProfile(ValueModel):
         description="The VNFM sends VnfRecovered after an impact; the next impact waits for it "
         "(else for min_recovery_s).",
         examples=[False],
+    )
+    anti_affinity: bool = Field(
+        default=False,
+        description="Members must run on distinct nodes: an evacuated member never joins another.",
+        examples=[True],
     )
 
     @model_validator(mode="after")
@@ -789,6 +878,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     NodeUpgraded,
     NodeUpgradeFailed,
     NodeAgentHeartbeat,
+    NodeInventoryReported,
     VnfRegistered,
 )
 

@@ -178,6 +178,15 @@ VNF_REGISTRY = TopicSpec(
     description="VNF constraints, one record per VNF (compacted; a tombstone deletes).",
     compacted=True,
 )
+CLOUD_INVENTORY = TopicSpec(
+    name="escalator.cloud.inventory.v1",
+    key_field="node_id",
+    events=(ev.NodeInventoryReported,),
+    producers=(Service.CLOUD_MANAGER,),
+    consumers=(Service.UPGRADE_MANAGER, Service.OPERATOR_CLI),
+    description="Latest capacity, failure domain and VMs per compute node (compacted).",
+    compacted=True,
+)
 DEAD_LETTERS_TOPIC = "escalator.deadletter.v1"
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
@@ -192,6 +201,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     NODE_EVENTS,
     NODE_HEARTBEATS,
     VNF_REGISTRY,
+    CLOUD_INVENTORY,
 )
 
 
