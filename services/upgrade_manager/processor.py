@@ -55,6 +55,7 @@ from schemas.codec import InvalidEvent, decode
 from schemas.envelope import Event
 from schemas.events import NodeStep, UpgradeRequested, VmMigrated, VmMigrationRequested
 from schemas.topics import DEAD_LETTERS_TOPIC
+from services.upgrade_manager.cloud_view import CloudView
 from services.upgrade_manager.domain import (
     CampaignPlan,
     CampaignRecord,
@@ -130,6 +131,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         producer: ProducerPort,
         publisher: EventPublisher,
         heartbeats: HeartbeatView,
+        cloud: CloudView | None = None,
         clock: Clock,
         metrics: Metrics,
     ) -> None:
@@ -140,6 +142,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._publisher = publisher
         self._state = StoredState(producer, kafka.topic(STATE_TOPIC), kafka.partitions)
         self._heartbeats = heartbeats
+        self._cloud = cloud
         self._clock = clock
         self.metrics = metrics
         self.latencies = Latencies()
@@ -391,7 +394,16 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._cache.pop(campaign_id, None)
 
     def _context(self) -> Context:
-        return Context(now=self._clock(), agents=self._heartbeats.agents)
+        view = self._cloud
+        if view is None:
+            return Context(now=self._clock(), agents=self._heartbeats.agents)
+        return Context(
+            now=self._clock(),
+            agents=self._heartbeats.agents,
+            cloud=view.cloud,
+            rules=view.rules,
+            max_recovery_s=view.max_recovery_s,
+        )
 
     async def _decide(self, campaign_id: str, inp: Input) -> int:
         """Decide, publish, persist; the number of commands published."""

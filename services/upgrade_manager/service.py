@@ -19,6 +19,7 @@ from escalator.settings import KafkaSettings
 from schemas.codec import InvalidEvent
 from schemas.envelope import utcnow
 from schemas.topics import TopicSpec
+from services.upgrade_manager.cloud_view import CloudView
 from services.upgrade_manager.heartbeats import HeartbeatView
 from services.upgrade_manager.processor import CampaignProcessor, Clock, Metrics
 from services.upgrade_manager.routing import STATE_TOPIC
@@ -74,21 +75,27 @@ class UpgradeManagerService:
         await producer.start()
         processor: CampaignProcessor | None = None
 
-        async def dead_letter_heartbeat(record: Any, invalid: InvalidEvent) -> None:
+        async def dead_letter_view_record(record: Any, invalid: InvalidEvent) -> None:
             if processor is not None and processor.owns_partition(record.partition):
                 await processor.dead_letter(
                     record, invalid.reason.value, invalid.detail, invalid.event_type
                 )
 
-        heartbeats = HeartbeatView(kafka, on_invalid=dead_letter_heartbeat)
+        heartbeats = HeartbeatView(kafka, on_invalid=dead_letter_view_record)
+        cloud = (
+            CloudView(kafka, on_invalid=dead_letter_view_record) if self.settings.planner else None
+        )
         try:
             await heartbeats.start()
+            if cloud is not None:
+                await cloud.start()
             processor = CampaignProcessor(
                 self.settings,
                 kafka,
                 producer=producer,
                 publisher=EventPublisher(producer, kafka),
                 heartbeats=heartbeats,
+                cloud=cloud,
                 clock=self._clock,
                 metrics=Metrics(self._registry),
             )
@@ -107,6 +114,8 @@ class UpgradeManagerService:
             if processor is not None:
                 log.info("latency: %s", processor.latencies.summary())
             await heartbeats.stop()
+            if cloud is not None:
+                await cloud.stop()
             await producer.stop()
             log.info("%s: stopped", self.settings.instance_id)
 

@@ -29,6 +29,12 @@ class UpgradeManagerSettings(BaseSettings):
         le=300,
         description="How long a request naming nodes not yet heard of waits for their heartbeats.",
     )
+    planner: bool = Field(
+        default=True,
+        description="Start nodes by the batch planner, from the Cloud Manager's inventory and the "
+        "VNF registry. False: campaign order and max_parallel only (the VNFM adapter's budget "
+        "hold is then the only VNF guard).",
+    )
     negative_control_skip_migrations: bool = Field(
         default=False,
         description="Tests only: never migrate, pretend every migration succeeded. This is the "

@@ -36,7 +36,8 @@ from schemas.events import (
 )
 
 from . import node_cycle as cycle
-from .commands import envelope, in_flight_commands, listing
+from .commands import clip, envelope, in_flight_commands, listing
+from .planner import Limits, PlanStep, Progress, plan_step, priority_order
 from .state import (
     CampaignPlan,
     CampaignRecord,
@@ -119,6 +120,8 @@ def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) ->
     if campaign_id is None:
         return Decision(None)  # the schema allows it, but there is no campaign to start
     nodes, problem = campaign_nodes(request, ctx)
+    if not problem and ctx.cloud is not None:
+        nodes = tuple(priority_order(ctx.cloud, ctx.rules, nodes))
     plan = CampaignPlan(
         campaign_id=campaign_id,
         request_id=request.event_id,
@@ -147,6 +150,7 @@ def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) ->
     )
     fresh = CampaignState(plan, record, {node_id: NodeRecord(node_id=node_id) for node_id in nodes})
     txn = Txn(fresh, ctx, request)
+    txn.replan = True
     advance_campaign(txn)
     first = txn.decision()
     return Decision(first.state, (started, *first.commands), frozenset(nodes), True, True)
@@ -251,27 +255,30 @@ class Selection:
     already_at_target: tuple[str, ...] = ()
     no_heartbeat: tuple[str, ...] = ()
     scan_from: int = 0
+    waiting: str = ""
 
 
 def select_next(
     plan: CampaignPlan, campaign: CampaignRecord, nodes: Mapping[str, NodeRecord], ctx: Context
 ) -> Selection:
-    """Which nodes start now: the next PENDING ones in campaign order whose agent is live.
+    """Which nodes start now, among the PENDING ones whose agent is live, in campaign order.
 
-    Kept apart so that smarter planning (VNF anti-affinity, capacity) can replace it. A node whose
-    agent is not live is passed over, never drained: it may hold VMs the VIM cannot upgrade under.
-    A deferred node waiting for its retry time is passed over silently: it blocks nobody.
+    With an inventory (`ctx.cloud`), the batch planner decides under every constraint (see
+    `planner.plan_step`); without one, the next nodes in order start up to max_parallel. A node
+    whose agent is not live is passed over, never drained: it may hold VMs the VIM cannot upgrade
+    under. A deferred node waiting for its retry time is passed over silently: it blocks nobody.
     """
     order = plan.node_order
     scan_from = campaign.scan_from
     while scan_from < len(order) and nodes[order[scan_from]].step is not NodeStep.PENDING:
         scan_from += 1
+    planning = ctx.cloud is not None
     slots = plan.policy.max_parallel - len(campaign.active)
-    start: list[str] = []
+    candidates: list[str] = []
     at_target: list[str] = []
     no_heartbeat: list[str] = []
     for node_id in islice(order, scan_from, None):
-        if slots <= 0:
+        if slots <= 0 and not planning:
             break
         record = nodes[node_id]
         if record.step is not NodeStep.PENDING or record.waiting_to_retry(ctx.now):
@@ -282,17 +289,72 @@ def select_next(
         elif agent.installed_version == plan.target_version:
             at_target.append(node_id)
         else:
-            start.append(node_id)
+            candidates.append(node_id)
             slots -= 1
-    return Selection(tuple(start), tuple(at_target), tuple(no_heartbeat), scan_from)
+    if ctx.cloud is None:
+        return Selection(tuple(candidates), tuple(at_target), tuple(no_heartbeat), scan_from)
+    step = plan_step(
+        ctx.cloud,
+        ctx.rules,
+        Limits.from_policy(plan.policy),
+        planner_progress(campaign, ctx),
+        candidates,
+        ctx.now,
+        scan_budget=PLANNER_SCAN_BUDGET,
+    )
+    return Selection(
+        step.start,
+        tuple(at_target),
+        tuple(no_heartbeat),
+        scan_from,
+        waiting_summary(step, len(candidates) - len(step.start)),
+    )
+
+
+# Blocked candidates the planner examines per decision before it stops looking: bounds a
+# decision's cost on a large, tightly constrained cloud (the next Tick looks again).
+PLANNER_SCAN_BUDGET = 2_000
+
+
+def planner_progress(campaign: CampaignRecord, ctx: Context) -> Progress:
+    horizon = ctx.max_recovery_s
+    released = {
+        r.node_id: r.at
+        for r in campaign.recent_releases
+        if (ctx.now - r.at).total_seconds() < horizon
+    }
+    return Progress(
+        in_cycle=frozenset(campaign.active),
+        started=campaign.started,
+        failed=campaign.failed,
+        canary_finished_at=campaign.canary_finished_at,
+        released_at=released,
+    )
+
+
+def waiting_summary(step: PlanStep, waiting: int) -> str:
+    """One line on why nodes wait: counts per blocker and the first node's reason."""
+    if waiting <= 0:
+        return ""
+    counts: dict[str, int] = {}
+    for blocked in step.blocked.values():
+        counts[blocked.reason.value] = counts.get(blocked.reason.value, 0) + 1
+    if step.unexamined:
+        counts["not examined"] = step.unexamined
+    parts = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+    first = next(iter(step.blocked.items()), None)
+    example = f"; first: {first[0]}: {first[1].detail}" if first is not None else ""
+    return clip(f"{waiting} node(s) wait ({parts}){example}")
 
 
 def fill_slots(txn: Txn) -> None:
     campaign = txn.campaign
     if len(campaign.active) >= txn.policy.max_parallel:
         return
+    if txn.ctx.cloud is not None and not txn.replan:
+        return  # nothing the planner reads has changed since it last ran
     selection = select_next(txn.plan, campaign, txn.nodes, txn.ctx)
-    txn.update_campaign(scan_from=selection.scan_from)
+    txn.update_campaign(scan_from=selection.scan_from, waiting=selection.waiting)
     for node_id in selection.no_heartbeat:
         cycle.mark_blocked(txn, _node(txn, node_id), cycle.NO_HEARTBEAT)
     for node_id in selection.already_at_target:
@@ -304,6 +366,13 @@ def fill_slots(txn: Txn) -> None:
 def advance_campaign(txn: Txn) -> None:
     campaign = txn.campaign
     if campaign.status is CampaignStatus.RUNNING:
+        note_canary(txn)
+        halt = halt_reason(txn)
+        if halt:
+            # No node starts any more; nodes in their cycle finish (or roll back), then it fails.
+            txn.update_campaign(status=CampaignStatus.ABORTING, reason=halt, waiting="")
+            advance_campaign(txn)
+            return
         fill_slots(txn)
         campaign = txn.campaign
         if campaign.finished == len(txn.plan.node_order):
@@ -326,6 +395,36 @@ def advance_campaign(txn: Txn) -> None:
                 failed=campaign.failed,
             )
         )
+
+
+def note_canary(txn: Txn) -> None:
+    """Record when the canary batch has wholly finished: the bake starts then."""
+    campaign = txn.campaign
+    canary = txn.policy.canary_nodes
+    if (
+        canary > 0
+        and campaign.canary_finished_at is None
+        and campaign.started >= canary
+        and not campaign.active
+    ):
+        txn.update_campaign(canary_finished_at=txn.ctx.now)
+        txn.replan = True
+
+
+def halt_reason(txn: Txn) -> str:
+    """Why the campaign must stop starting nodes for good, or "" to go on."""
+    campaign, policy = txn.campaign, txn.policy
+    if policy.failure_budget is not None and campaign.failed >= policy.failure_budget:
+        return (
+            f"failure budget spent: {campaign.failed} node(s) failed, budget "
+            f"{policy.failure_budget}"
+        )
+    end = policy.window_end
+    if end is not None and txn.ctx.now >= end:
+        left = len(txn.plan.node_order) - campaign.finished - len(campaign.active)
+        if left > 0:
+            return f"maintenance window closed at {end.isoformat()} with {left} node(s) not started"
+    return ""
 
 
 def _campaign_envelope(txn: Txn, what: str) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from .commands import (
     step_command_id,
     vms_to_notify,
 )
-from .state import CampaignStatus, NodeRecord, PendingMigration, Sent
+from .state import CampaignStatus, NodeRecord, PendingMigration, Release, Sent
 from .txn import Txn
 
 # How long after the VNFM deadline the manager waits for the adapter's BusinessMoved before it
@@ -71,7 +71,9 @@ def start_claim(txn: Txn, node: NodeRecord) -> None:
     sent = txn.sent(txn.policy.step_timeout_s)
     node = txn.enter(node, NodeStep.CLAIMING, _claim_detail(sent), sent=sent)
     txn.emit(*in_flight_commands(txn.plan, node))
-    txn.update_campaign(active=(*txn.campaign.active, node.node_id))
+    txn.update_campaign(
+        active=(*txn.campaign.active, node.node_id), started=txn.campaign.started + 1
+    )
 
 
 def mark_blocked(txn: Txn, node: NodeRecord, detail: str) -> None:
@@ -405,6 +407,14 @@ def on_maintenance_exited(txn: Txn, node: NodeRecord) -> None:
                 vnf_ids=node.vnf_ids,
             )
         )
+    now = txn.ctx.now
+    node = txn.save(node.model_copy(update={"released_at": now}))
+    keep_s = txn.ctx.max_recovery_s
+    recent = tuple(r for r in txn.campaign.recent_releases if (now - r.at).total_seconds() < keep_s)
+    if keep_s > 0:
+        recent += (Release(node_id=node.node_id, at=now),)
+    txn.update_campaign(recent_releases=recent)
+    txn.replan = True
     if node.outcome is NodeStep.PENDING:
         _requeue(txn, node)
         return
@@ -478,6 +488,7 @@ def _resend(txn: Txn, node: NodeRecord, timeout_s: float, describe: _Describe) -
 
 
 def finish(txn: Txn, node: NodeRecord, step: NodeStep, detail: str) -> None:
+    txn.replan = True
     txn.enter(node, step, detail, sent=None, migrations=(), outcome=None, upgrade_percent=None)
     campaign = txn.campaign
     counter = {NodeStep.DONE: "done", NodeStep.SKIPPED: "skipped", NodeStep.FAILED: "failed"}[step]

@@ -27,6 +27,8 @@ from schemas.envelope import Event
 from schemas.events import CampaignPolicy, NodeAgentHeartbeat, NodeStep
 from schemas.types import CampaignId, NodeId, ValueModel, VersionManifest, VmId, VmOnNode
 
+from .planner import Cloud, VnfRule
+
 # Steps in which a node holds one of the campaign's `max_parallel` slots.
 IN_CYCLE_STEPS = frozenset(
     {
@@ -93,6 +95,8 @@ class NodeRecord(ValueModel):
     deferrals: int = Field(default=0, ge=0)
     # A deferred node is not started again before this.
     retry_at: AwareDatetime | None = None
+    # When the node last left maintenance: its VNFs wait min_recovery_s from then.
+    released_at: AwareDatetime | None = None
 
     @property
     def in_cycle(self) -> bool:
@@ -132,6 +136,13 @@ class CampaignPlan(ValueModel):
         return self.manifest.version if self.manifest is not None else ""
 
 
+class Release(ValueModel):
+    """A node of the campaign that left maintenance, and when."""
+
+    node_id: NodeId
+    at: AwareDatetime
+
+
 class CampaignRecord(ValueModel):
     """A campaign's status and counters: small, rewritten as nodes start and finish."""
 
@@ -148,6 +159,14 @@ class CampaignRecord(ValueModel):
     reason: str = ""
     # Later requests refused for reusing this campaign id (bounded), so redeliveries are ignored.
     refused_requests: tuple[uuid.UUID, ...] = ()
+    # Nodes that ever started a cycle (the first `canary_nodes` of them are the canary).
+    started: int = Field(default=0, ge=0)
+    # When the canary batch had wholly finished.
+    canary_finished_at: AwareDatetime | None = None
+    # Releases recent enough that their VNFs may still be recovering (pruned as time passes).
+    recent_releases: tuple[Release, ...] = ()
+    # Why the PENDING nodes wait, as the planner last found (a summary for `escalator status`).
+    waiting: str = ""
 
     @property
     def finished(self) -> int:
@@ -191,6 +210,7 @@ def rebuild(
             "skipped": steps.count(NodeStep.SKIPPED),
             "failed": steps.count(NodeStep.FAILED),
             "scan_from": min(campaign.scan_from, scan_from),
+            "started": max(campaign.started, len(active)),
         }
     )
     return CampaignState(plan, campaign if derived == campaign else derived, full)
@@ -218,6 +238,13 @@ class Context:
 
     now: datetime
     agents: Mapping[str, AgentStatus] = field(default_factory=dict)
+    # The inventory and VNF rules for the batch planner. None turns the planner off: nodes then
+    # start in the campaign's order, up to max_parallel, and only the VNFM adapter's budget hold
+    # keeps VNFs safe (core unit tests use it; the service always passes a Cloud).
+    cloud: Cloud | None = None
+    rules: Mapping[str, VnfRule] = field(default_factory=dict)
+    # The longest min_recovery_s of any VNF: how long a release is remembered.
+    max_recovery_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ class Txn:
         self.cause_id: uuid.UUID | None = cause.event_id if cause is not None else None
         # Set by a node whose VNFM timed out under policy `abort`; the campaign acts on it.
         self.abort_reason: str | None = None
+        # Whether the batch planner runs in this decision: on Ticks, and when a node left its
+        # cycle or maintenance. Other inputs change nothing the planner reads but the clock.
+        self.replan: bool = cause is None
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -1,0 +1,626 @@
+"""The batch planner: which nodes may start their cycle now, and why the others may not.
+
+`plan_step(cloud, rules, limits, progress, candidates, now)` is pure: it reads the inventory
+(`Cloud`), the VNFs' constraints (`VnfRule`), the campaign's own limits and where the campaign
+stands, and returns the nodes to start, in order, plus the first constraint that blocks each node
+it looked at. It never breaks a constraint:
+
+- `max_parallel` nodes of the campaign in their cycle, `max_per_failure_domain` per domain;
+- per VNF: at most `max_unavailable` members impacted at once (one for active-standby), never
+  fewer than `min_in_service` members on available nodes, and `min_recovery_s` after an impact
+  ended before the next one starts;
+- capacity, exactly: every VM of every node started must fit, in vCPUs and RAM, on nodes that are
+  neither unavailable (in maintenance, in the cycle, or started in the same step) nor in the
+  step, with anti-affinity kept; the placement found is returned so that it can be checked;
+- the canary (the first `canary_nodes` start alone, then `canary_bake_s` pass before any other),
+  the maintenance window, and the failure budget.
+
+Nodes are examined in the order given (see `priority_order`), and a node that is blocked never
+holds back the ones after it: a slow or failed node costs its own slot, nothing else.
+
+`Cloud` is an index the adapter keeps up to date record by record, so that a decision over
+10,000 nodes and 200,000 VMs does not re-read the inventory; the planner only reads it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from schemas.events import CampaignPolicy, NodeInventoryReported, VnfProfile
+from schemas.types import RedundancyModel
+
+
+@dataclass(frozen=True, slots=True)
+class VmLoad:
+    vm_id: str
+    vnf_id: str | None
+    vcpus: int
+    ram_mb: int
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One compute node as the inventory last reported it."""
+
+    node_id: str
+    failure_domain: str
+    vcpus: int
+    ram_mb: int
+    vms: tuple[VmLoad, ...]
+    in_maintenance: bool = False
+    used_vcpus: int = 0
+    used_ram_mb: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        node_id: str,
+        failure_domain: str,
+        vcpus: int,
+        ram_mb: int,
+        vms: Iterable[VmLoad],
+        in_maintenance: bool = False,
+    ) -> Host:
+        loads = tuple(vms)
+        return cls(
+            node_id,
+            failure_domain,
+            vcpus,
+            ram_mb,
+            loads,
+            in_maintenance,
+            sum(vm.vcpus for vm in loads),
+            sum(vm.ram_mb for vm in loads),
+        )
+
+    @classmethod
+    def from_report(cls, report: NodeInventoryReported) -> Host:
+        return cls.of(
+            report.node_id,
+            report.failure_domain,
+            report.vcpus,
+            report.ram_mb,
+            (VmLoad(vm.vm_id, vm.vnf_id, vm.vcpus, vm.ram_mb) for vm in report.vms),
+            report.in_maintenance,
+        )
+
+    @property
+    def free_vcpus(self) -> int:
+        return self.vcpus - self.used_vcpus
+
+    @property
+    def free_ram_mb(self) -> int:
+        return self.ram_mb - self.used_ram_mb
+
+    @property
+    def vnf_ids(self) -> frozenset[str]:
+        return frozenset(vm.vnf_id for vm in self.vms if vm.vnf_id is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class VnfRule:
+    """What a VNF tolerates, from its registry profile."""
+
+    vnf_id: str
+    members: int
+    max_unavailable: int = 1
+    min_in_service: int = 0
+    min_recovery_s: float = 0.0
+    anti_affinity: bool = False
+
+    @classmethod
+    def from_profile(cls, profile: VnfProfile) -> VnfRule:
+        limit = profile.max_unavailable
+        if profile.redundancy is RedundancyModel.ACTIVE_STANDBY:
+            limit = 1  # the pair's two members are never impacted at once
+        return cls(
+            profile.vnf_id,
+            len(profile.members),
+            limit,
+            profile.min_in_service,
+            profile.min_recovery_s,
+            profile.anti_affinity,
+        )
+
+    @property
+    def tolerated(self) -> int:
+        """Members that may be impacted at once under both of the VNF's limits."""
+        return max(0, min(self.max_unavailable, self.members - self.min_in_service))
+
+
+class Cloud:
+    """The inventory, indexed: hosts by id, and where each VNF has members.
+
+    Mutated only by `put` (the adapter, as records arrive); the planner only reads it.
+    """
+
+    def __init__(self, hosts: Iterable[Host] = ()) -> None:
+        self.hosts: dict[str, Host] = {}
+        # vnf id -> host id -> members of the VNF on that host
+        self.vnf_hosts: dict[str, dict[str, int]] = defaultdict(dict)
+        for host in hosts:
+            self.put(host)
+
+    def put(self, host: Host) -> None:
+        old = self.hosts.get(host.node_id)
+        if old is not None:
+            for vnf_id in old.vnf_ids:
+                placed = self.vnf_hosts.get(vnf_id)
+                if placed is not None:
+                    placed.pop(host.node_id, None)
+                    if not placed:
+                        del self.vnf_hosts[vnf_id]
+        self.hosts[host.node_id] = host
+        counts: dict[str, int] = defaultdict(int)
+        for vm in host.vms:
+            if vm.vnf_id is not None:
+                counts[vm.vnf_id] += 1
+        for vnf_id, count in counts.items():
+            self.vnf_hosts[vnf_id][host.node_id] = count
+
+    def remove(self, node_id: str) -> None:
+        old = self.hosts.pop(node_id, None)
+        if old is None:
+            return
+        for vnf_id in old.vnf_ids:
+            placed = self.vnf_hosts.get(vnf_id)
+            if placed is not None:
+                placed.pop(node_id, None)
+                if not placed:
+                    del self.vnf_hosts[vnf_id]
+
+    def vnf_members_on(self, host: Host) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for vm in host.vms:
+            if vm.vnf_id is not None:
+                counts[vm.vnf_id] += 1
+        return counts
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The campaign's own constraints."""
+
+    max_parallel: int = 1
+    max_per_failure_domain: int | None = None
+    canary_nodes: int = 0
+    canary_bake_s: float = 0.0
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    failure_budget: int | None = None
+
+    @classmethod
+    def from_policy(cls, policy: CampaignPolicy) -> Limits:
+        return cls(
+            policy.max_parallel,
+            policy.max_per_failure_domain,
+            policy.canary_nodes,
+            policy.canary_bake_s,
+            policy.window_start,
+            policy.window_end,
+            policy.failure_budget,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where the campaign stands, as far as the planner cares."""
+
+    # Nodes of the campaign holding a slot (claimed, in maintenance, upgrading, releasing).
+    in_cycle: frozenset[str] = frozenset()
+    # Nodes that ever started a cycle in this campaign (the canary is the first ones).
+    started: int = 0
+    failed: int = 0
+    # When the canary batch had wholly finished (None while it runs or if there is none).
+    canary_finished_at: datetime | None = None
+    # Nodes that left maintenance recently, and when: their VNFs wait min_recovery_s.
+    released_at: Mapping[str, datetime] = field(default_factory=dict)
+
+
+class Blocker(StrEnum):
+    """Why a node may not start now; the first constraint found, in this order of checks."""
+
+    FAILURE_BUDGET = "failure_budget"
+    WINDOW = "window"
+    CANARY = "canary"
+    MAX_PARALLEL = "max_parallel"
+    NO_INVENTORY = "no_inventory"
+    IN_MAINTENANCE = "in_maintenance"
+    FAILURE_DOMAIN = "failure_domain"
+    VNF_BUDGET = "vnf_budget"
+    RECOVERY = "recovery"
+    CAPACITY = "capacity"
+
+
+@dataclass(frozen=True, slots=True)
+class Blocked:
+    reason: Blocker
+    detail: str
+    # When the blocker lifts by itself, if it is a matter of time.
+    until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    start: tuple[str, ...] = ()
+    # vm id -> destination node, for every VM of the nodes started and of the nodes already in
+    # their cycle: the proof that they all fit at once.
+    placements: Mapping[str, str] = field(default_factory=dict)
+    blocked: Mapping[str, Blocked] = field(default_factory=dict)
+    # Candidates not looked at because the step was already full (or the scan budget was spent).
+    unexamined: int = 0
+
+
+class _Capacity:
+    """Free room on the available hosts, for one planning step; mutated as nodes are added."""
+
+    def __init__(self, cloud: Cloud, unavailable: set[str]) -> None:
+        self.cloud = cloud
+        self.unavailable = unavailable
+        self.free: dict[str, tuple[int, int]] = {}
+        # A max-heap on free vCPUs (worst fit spreads load, keeping room for later batches).
+        self.heap: list[tuple[int, int, str]] = []
+        for node_id, host in cloud.hosts.items():
+            if node_id in unavailable or host.in_maintenance:
+                continue
+            self.free[node_id] = (host.free_vcpus, host.free_ram_mb)
+            self.heap.append((-host.free_vcpus, -host.free_ram_mb, node_id))
+        heapq.heapify(self.heap)
+        # VNF members placed on a host during this step, for anti-affinity.
+        self.added_vnfs: dict[str, set[str]] = defaultdict(set)
+
+    def reserve_in_cycle(
+        self, in_cycle: Iterable[str], rules: Mapping[str, VnfRule], placements: dict[str, str]
+    ) -> bool:
+        """Room for the VMs still on the campaign's nodes in their cycle: any may be migrated."""
+        fits = True
+        for node_id in sorted(in_cycle):
+            host = self.cloud.hosts.get(node_id)
+            if host is None or not host.vms:
+                continue
+            found = self.place(host, rules)
+            if found is None:
+                fits = False
+            else:
+                placements.update(found)
+        return fits
+
+    def withdraw(self, node_id: str) -> None:
+        """The node joins the step: it takes no VM any more (its heap entry goes stale)."""
+        self.free.pop(node_id, None)
+
+    def place(self, host: Host, rules: Mapping[str, VnfRule]) -> dict[str, str] | None:
+        """A destination for every VM of `host`, reserved; None (nothing reserved) if one fails."""
+        chosen: dict[str, str] = {}
+        reserved: list[tuple[str, int, int, str | None]] = []
+        for vm in sorted(host.vms, key=lambda v: (-v.vcpus, -v.ram_mb, v.vm_id)):
+            destination = self._pick(vm, rules)
+            if destination is None:
+                for node_id, vcpus, ram, vnf_id in reserved:
+                    self._give_back(node_id, vcpus, ram, vnf_id)
+                return None
+            chosen[vm.vm_id] = destination
+            reserved.append((destination, vm.vcpus, vm.ram_mb, vm.vnf_id))
+        return chosen
+
+    def _separated(self, node_id: str, vnf_id: str | None, rules: Mapping[str, VnfRule]) -> bool:
+        if vnf_id is None:
+            return True
+        rule = rules.get(vnf_id)
+        if rule is None or not rule.anti_affinity:
+            return True
+        if node_id in self.cloud.vnf_hosts.get(vnf_id, {}):
+            return False
+        return vnf_id not in self.added_vnfs.get(node_id, ())
+
+    def _pick(self, vm: VmLoad, rules: Mapping[str, VnfRule]) -> str | None:
+        set_aside: list[tuple[int, int, str]] = []
+        found: str | None = None
+        while self.heap:
+            neg_cpu, neg_ram, node_id = heapq.heappop(self.heap)
+            free = self.free.get(node_id)
+            if free is None or free != (-neg_cpu, -neg_ram):
+                continue  # stale: withdrawn, or re-pushed with its new room
+            if free[0] < vm.vcpus:
+                set_aside.append((neg_cpu, neg_ram, node_id))
+                break  # the heap's largest vCPU room is too small: nothing fits
+            if free[1] >= vm.ram_mb and self._separated(node_id, vm.vnf_id, rules):
+                found = node_id
+                break
+            set_aside.append((neg_cpu, neg_ram, node_id))
+        for entry in set_aside:
+            heapq.heappush(self.heap, entry)
+        if found is None:
+            return None
+        cpu, ram = self.free[found]
+        self._set(found, cpu - vm.vcpus, ram - vm.ram_mb)
+        if vm.vnf_id is not None:
+            self.added_vnfs[found].add(vm.vnf_id)
+        return found
+
+    def _give_back(self, node_id: str, vcpus: int, ram_mb: int, vnf_id: str | None) -> None:
+        cpu, ram = self.free[node_id]
+        self._set(node_id, cpu + vcpus, ram + ram_mb)
+        if vnf_id is not None:
+            self.added_vnfs[node_id].discard(vnf_id)
+
+    def _set(self, node_id: str, cpu: int, ram: int) -> None:
+        self.free[node_id] = (cpu, ram)
+        heapq.heappush(self.heap, (-cpu, -ram, node_id))
+
+
+def plan_step(
+    cloud: Cloud,
+    rules: Mapping[str, VnfRule],
+    limits: Limits,
+    progress: Progress,
+    candidates: Sequence[str],
+    now: datetime,
+    *,
+    explain: bool = False,
+    scan_budget: int | None = None,
+) -> PlanStep:
+    """The nodes to start now, in the order given, and the first blocker of each node passed over.
+
+    Without `explain`, the scan stops as soon as no slot is left and looks at no more than
+    `scan_budget` blocked candidates (None: all); with it, every candidate gets its blocker, which
+    is what `escalator plan` shows.
+    """
+    blocked: dict[str, Blocked] = {}
+
+    def block_all(blocker: Blocked) -> PlanStep:
+        return PlanStep(blocked=dict.fromkeys(candidates, blocker) if explain else {})
+
+    if limits.failure_budget is not None and progress.failed >= limits.failure_budget:
+        return block_all(
+            Blocked(
+                Blocker.FAILURE_BUDGET,
+                f"failure budget spent: {progress.failed} failed node(s), budget "
+                f"{limits.failure_budget}",
+            )
+        )
+    if limits.window_start is not None and now < limits.window_start:
+        return block_all(
+            Blocked(
+                Blocker.WINDOW,
+                f"maintenance window opens at {limits.window_start.isoformat()}",
+                limits.window_start,
+            )
+        )
+    if limits.window_end is not None and now >= limits.window_end:
+        return block_all(
+            Blocked(Blocker.WINDOW, f"maintenance window closed at {limits.window_end.isoformat()}")
+        )
+    slots = limits.max_parallel - len(progress.in_cycle)
+    if limits.canary_nodes > 0 and progress.started >= limits.canary_nodes:
+        if progress.canary_finished_at is None:
+            return block_all(
+                Blocked(Blocker.CANARY, f"the canary batch of {limits.canary_nodes} is running")
+            )
+        bake_until = progress.canary_finished_at + timedelta(seconds=limits.canary_bake_s)
+        if now < bake_until:
+            return block_all(
+                Blocked(
+                    Blocker.CANARY,
+                    f"the canary bakes until {bake_until.isoformat()}",
+                    bake_until,
+                )
+            )
+    elif limits.canary_nodes > 0:
+        slots = min(slots, limits.canary_nodes - progress.started)
+
+    unavailable: set[str] = {n for n, h in cloud.hosts.items() if h.in_maintenance}
+    unavailable |= progress.in_cycle
+    impacted: dict[str, int] = defaultdict(int)  # VNF -> members on unavailable hosts
+    for node_id in unavailable:
+        host = cloud.hosts.get(node_id)
+        if host is not None:
+            for vm in host.vms:
+                if vm.vnf_id is not None:
+                    impacted[vm.vnf_id] += 1
+    per_domain: dict[str, int] = defaultdict(int)
+    for node_id in progress.in_cycle:
+        host = cloud.hosts.get(node_id)
+        if host is not None:
+            per_domain[host.failure_domain] += 1
+    recovering = _recovering_until(cloud, rules, progress.released_at)
+
+    capacity: _Capacity | None = None  # built on first need: most decisions have no free slot
+    start: list[str] = []
+    placements: dict[str, str] = {}
+    passed_over = 0
+    for index, node_id in enumerate(candidates):
+        if slots <= 0:
+            if not explain:
+                return PlanStep(tuple(start), placements, blocked, len(candidates) - index)
+            blocked[node_id] = Blocked(
+                Blocker.MAX_PARALLEL,
+                f"all {limits.max_parallel} slot(s) taken",
+            )
+            continue
+        if scan_budget is not None and passed_over >= scan_budget and not explain:
+            return PlanStep(tuple(start), placements, blocked, len(candidates) - index)
+        host = cloud.hosts.get(node_id)
+        reason = _first_blocker(host, node_id, rules, limits, per_domain, impacted, recovering, now)
+        if reason is None and host is not None:
+            if capacity is None:
+                capacity = _Capacity(cloud, unavailable)
+                if not capacity.reserve_in_cycle(progress.in_cycle, rules, placements):
+                    reason = Blocked(
+                        Blocker.CAPACITY,
+                        "the VMs of the nodes already in their cycle do not all fit elsewhere",
+                    )
+        if reason is None and host is not None and capacity is not None:
+            capacity.withdraw(node_id)
+            found = capacity.place(host, rules)
+            if found is None:
+                reason = Blocked(
+                    Blocker.CAPACITY,
+                    f"its {len(host.vms)} VM(s) do not all fit on the nodes left in service"
+                    " (vCPUs, RAM, anti-affinity)",
+                )
+                # The node stays in service: it is a destination again for later candidates.
+                capacity.free[node_id] = (host.free_vcpus, host.free_ram_mb)
+                heapq.heappush(capacity.heap, (-host.free_vcpus, -host.free_ram_mb, node_id))
+            else:
+                placements.update(found)
+        if reason is not None:
+            blocked[node_id] = reason
+            passed_over += 1
+            continue
+        assert host is not None
+        start.append(node_id)
+        slots -= 1
+        unavailable.add(node_id)
+        per_domain[host.failure_domain] += 1
+        for vnf_id, count in cloud.vnf_members_on(host).items():
+            impacted[vnf_id] += count
+    return PlanStep(tuple(start), placements, blocked, 0)
+
+
+def _first_blocker(
+    host: Host | None,
+    node_id: str,
+    rules: Mapping[str, VnfRule],
+    limits: Limits,
+    per_domain: Mapping[str, int],
+    impacted: Mapping[str, int],
+    recovering: Mapping[str, datetime],
+    now: datetime,
+) -> Blocked | None:
+    if host is None:
+        return Blocked(Blocker.NO_INVENTORY, "the Cloud Manager has not reported this node yet")
+    if host.in_maintenance:
+        return Blocked(Blocker.IN_MAINTENANCE, "already in maintenance outside this campaign")
+    if (
+        limits.max_per_failure_domain is not None
+        and per_domain.get(host.failure_domain, 0) >= limits.max_per_failure_domain
+    ):
+        return Blocked(
+            Blocker.FAILURE_DOMAIN,
+            f"{limits.max_per_failure_domain} node(s) of {host.failure_domain} already in "
+            "their cycle",
+        )
+    members: dict[str, int] = defaultdict(int)
+    for vm in host.vms:
+        if vm.vnf_id is not None:
+            members[vm.vnf_id] += 1
+    for vnf_id in sorted(members):
+        rule = rules.get(vnf_id)
+        if rule is None:
+            continue  # not in the registry: the VIM migrates its VMs, no budget to keep
+        if impacted.get(vnf_id, 0) + members[vnf_id] > rule.tolerated:
+            down = impacted.get(vnf_id, 0)
+            return Blocked(
+                Blocker.VNF_BUDGET,
+                f"{vnf_id}: {down} of {rule.members} member(s) already impacted, "
+                f"{members[vnf_id]} here, {rule.tolerated} tolerated at once",
+            )
+    for vnf_id in sorted(members):
+        until = recovering.get(vnf_id)
+        if until is not None and now < until:
+            return Blocked(
+                Blocker.RECOVERY,
+                f"{vnf_id} recovers from its last impact until {until.isoformat()}",
+                until,
+            )
+    return None
+
+
+def _recovering_until(
+    cloud: Cloud, rules: Mapping[str, VnfRule], released_at: Mapping[str, datetime]
+) -> dict[str, datetime]:
+    """VNF -> the earliest time its next impact may start, after recent releases."""
+    until: dict[str, datetime] = {}
+    for node_id, at in released_at.items():
+        host = cloud.hosts.get(node_id)
+        if host is None:
+            continue
+        for vnf_id in host.vnf_ids:
+            rule = rules.get(vnf_id)
+            if rule is None or rule.min_recovery_s <= 0:
+                continue
+            ends = at + timedelta(seconds=rule.min_recovery_s)
+            if vnf_id not in until or until[vnf_id] < ends:
+                until[vnf_id] = ends
+    return until
+
+
+# --- order and feasibility -----------------------------------------------------------------
+
+
+def priority_order(cloud: Cloud, rules: Mapping[str, VnfRule], nodes: Sequence[str]) -> list[str]:
+    """The order in which to consider nodes: the most constrained first.
+
+    A VNF whose members sit on k hosts and tolerates t impacts at once needs ceil(k / t) waves;
+    the nodes of the VNFs with the most waves form the longest chains, and starting them first
+    keeps those chains from setting the makespan (longest-chain-first list scheduling). Ties go
+    to nodes that conflict with more others, then to the lightest node (quickest to empty, as
+    Fenix does), then to the id, so the order is deterministic.
+    """
+    waves: dict[str, int] = {}
+    for vnf_id, placed in cloud.vnf_hosts.items():
+        rule = rules.get(vnf_id)
+        if rule is None or rule.tolerated <= 0:
+            continue
+        waves[vnf_id] = -(-len(placed) // rule.tolerated)
+
+    def key(node_id: str) -> tuple[int, int, int, str]:
+        host = cloud.hosts.get(node_id)
+        if host is None:
+            return (1, 0, 0, node_id)
+        vnfs = [v for v in host.vnf_ids if v in waves]
+        chain = max((waves[v] for v in vnfs), default=0)
+        degree = sum(len(cloud.vnf_hosts[v]) - 1 for v in vnfs if waves[v] > 1)
+        return (-chain, -degree, host.used_vcpus, node_id)
+
+    return sorted(nodes, key=key)
+
+
+@dataclass(frozen=True, slots=True)
+class Impossible:
+    node_id: str
+    detail: str
+
+
+def never_upgradable(
+    cloud: Cloud, rules: Mapping[str, VnfRule], nodes: Sequence[str]
+) -> dict[str, Impossible]:
+    """Nodes that no plan can ever start, each with the reason, before anything starts.
+
+    A node is impossible when it is unknown to the inventory, when one of its VNFs tolerates no
+    impact at all (or fewer than it has members on the node), or when its VMs do not fit on all
+    the other nodes together (every other node back in service).
+    """
+    found: dict[str, Impossible] = {}
+    for node_id in nodes:
+        host = cloud.hosts.get(node_id)
+        if host is None:
+            found[node_id] = Impossible(node_id, "not in the Cloud Manager's inventory")
+            continue
+        members = cloud.vnf_members_on(host)
+        for vnf_id in sorted(members):
+            rule = rules.get(vnf_id)
+            if rule is not None and members[vnf_id] > rule.tolerated:
+                found[node_id] = Impossible(
+                    node_id,
+                    f"{vnf_id} has {members[vnf_id]} member(s) here but tolerates "
+                    f"{rule.tolerated} impacted at once (max_unavailable {rule.max_unavailable},"
+                    f" min_in_service {rule.min_in_service} of {rule.members})",
+                )
+                break
+        if node_id in found:
+            continue
+        capacity = _Capacity(cloud, {node_id})
+        if capacity.place(host, rules) is None:
+            found[node_id] = Impossible(
+                node_id,
+                f"its {len(host.vms)} VM(s) ({host.used_vcpus} vCPUs, {host.used_ram_mb} MiB) do "
+                "not fit on the other nodes even with all of them in service",
+            )
+    return found
