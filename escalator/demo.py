@@ -138,6 +138,8 @@ async def publish_registry_from_world(
             min_in_service=v.min_in_service,
             max_unavailable=v.max_unavailable,
             min_recovery_s=v.min_recovery_s,
+            # The world puts every VNF's members in one anti-affinity server group.
+            anti_affinity=True,
         )
         for v in vnfs
     ]

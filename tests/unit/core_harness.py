@@ -64,6 +64,7 @@ from services.upgrade_manager.domain import (
     decide,
     recover,
 )
+from services.upgrade_manager.domain.planner import Cloud, VnfRule
 
 T0 = datetime(2026, 11, 26, 4, 0, tzinfo=UTC)
 OLD = "29.0.3"
@@ -114,7 +115,11 @@ class Driver:
         *,
         versions: dict[str, str] | None = None,
         dead: Iterable[str] = (),
+        cloud: Cloud | None = None,
+        rules: dict[str, VnfRule] | None = None,
     ) -> None:
+        self.cloud = cloud
+        self.rules = rules or {}
         self.now = T0
         self.nodes = tuple(nodes)
         self.versions = {n: OLD for n in self.nodes} | (versions or {})
@@ -130,6 +135,9 @@ class Driver:
                 n: AgentStatus(NEVER_SEEN if n in self.dead else self.now, self.versions[n], 5.0)
                 for n in self.nodes
             },
+            cloud=self.cloud,
+            rules=self.rules,
+            max_recovery_s=max((r.min_recovery_s for r in self.rules.values()), default=0.0),
         )
 
     def feed(self, event: Input) -> list[Event]:

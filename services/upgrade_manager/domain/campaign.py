@@ -256,6 +256,8 @@ class Selection:
     no_heartbeat: tuple[str, ...] = ()
     scan_from: int = 0
     waiting: str = ""
+    # The first nodes in line that the planner passed over, with what blocks each.
+    blocked: tuple[tuple[str, str], ...] = ()
 
 
 def select_next(
@@ -308,7 +310,17 @@ def select_next(
         tuple(no_heartbeat),
         scan_from,
         waiting_summary(step, len(candidates) - len(step.start)),
+        tuple(
+            (node_id, f"waiting ({blocked.reason.value}): {blocked.detail}")
+            for node_id, blocked in islice(step.blocked.items(), EXPLAINED_BLOCKERS)
+        ),
     )
+
+
+# Passed-over nodes whose blocker is reported (NodeCycleAdvanced, so `escalator status` shows
+# it): the next ones in line, which are what an operator asks about; reporting every blocked node
+# of a 10,000-node campaign on every decision would flood the campaigns topic.
+EXPLAINED_BLOCKERS = 20
 
 
 # Blocked candidates the planner examines per decision before it stops looking: bounds a
@@ -357,6 +369,8 @@ def fill_slots(txn: Txn) -> None:
     txn.update_campaign(scan_from=selection.scan_from, waiting=selection.waiting)
     for node_id in selection.no_heartbeat:
         cycle.mark_blocked(txn, _node(txn, node_id), cycle.NO_HEARTBEAT)
+    for node_id, detail in selection.blocked:
+        cycle.mark_blocked(txn, _node(txn, node_id), detail)
     for node_id in selection.already_at_target:
         cycle.mark_already_at_target(txn, _node(txn, node_id))
     for node_id in selection.start:

@@ -374,7 +374,7 @@ def plan_step(
     blocked: dict[str, Blocked] = {}
 
     def block_all(blocker: Blocked) -> PlanStep:
-        return PlanStep(blocked=dict.fromkeys(candidates, blocker) if explain else {})
+        return PlanStep(blocked=dict.fromkeys(candidates, blocker))
 
     if limits.failure_budget is not None and progress.failed >= limits.failure_budget:
         return block_all(

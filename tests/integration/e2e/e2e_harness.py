@@ -250,6 +250,7 @@ class E2EDeployment(Deployment):
         vnfm_timeout_s: float | None = None,
         max_parallel: int | None = None,
         nodes: Sequence[str] | None = None,
+        extra: Sequence[str] = (),
     ) -> str:
         """`escalator upgrade start ...` as a child process; returns the id it printed."""
         o = self.options
@@ -274,6 +275,7 @@ class E2EDeployment(Deployment):
         ]
         for node in nodes or []:
             args += ["--nodes", node]
+        args += list(extra)
         code, out, err = await self.cli(*args)
         assert code == 0, f"upgrade start exited {code}: {err}"
         printed = out.strip().splitlines()[-1].strip()
