@@ -350,6 +350,12 @@ class VmMigrationRequested(Event):
         description="Preferred destination; null lets the Cloud Manager place it.",
         examples=[None],
     )
+    avoid_destinations: tuple[NodeId, ...] = Field(
+        default=(),
+        description="Destinations that failed for this VM in earlier attempts; the Cloud "
+        "Manager places it elsewhere.",
+        examples=[["compute-1-02"]],
+    )
     attempt: int = _ATTEMPT
 
 
@@ -370,6 +376,11 @@ class VmMigrationFailed(Event):
     node_id: NodeId = Field(description="Node it is still on.", examples=["compute-0-07"])
     reason: str = Field(
         description="Why.", examples=["no node with 4 vCPUs free outside server group sg-1"]
+    )
+    destination_node_id: NodeId | None = Field(
+        default=None,
+        description="The destination that was tried, if one was chosen; a retry avoids it.",
+        examples=["compute-1-02"],
     )
 
 
@@ -700,6 +711,21 @@ class NodeUpgradeFailed(Event):
     )
     installed_version: Version | None = Field(
         default=None, description="Version the node runs now, if known.", examples=["29.0.3"]
+    )
+    attempts: int = Field(
+        default=1, ge=1, le=100, description="Times the agent tried the upgrade.", examples=[3]
+    )
+    rolled_back: bool = Field(
+        default=False,
+        description="The agent rolled the node back to its previous version after the last "
+        "failed attempt.",
+        examples=[True],
+    )
+    healthy: bool = Field(
+        default=False,
+        description="The node passed its health check after the rollback, so it may return to "
+        "service; false keeps it quarantined in maintenance.",
+        examples=[True],
     )
 
 

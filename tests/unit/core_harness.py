@@ -697,7 +697,14 @@ class Sim:
     def check_empty_enough(self, node_id: str) -> None:
         """Only VMs whose business moved may still be on a node whose upgrade starts."""
         assert self.holder[node_id] == CAMPAIGN, "upgrade of a node not in our maintenance"
-        requested = {c.vm_id for c in of_type(self.emitted, VmMigrationRequested, node_id)}
+        # Only this round's requests: a deferred round's failed migrations are given up.
+        claims = [
+            i
+            for i, c in enumerate(self.emitted)
+            if isinstance(c, NodeMaintenanceRequested) and c.node_id == node_id
+        ]
+        this_round = self.emitted[claims[-1] :] if claims else self.emitted
+        requested = {c.vm_id for c in of_type(this_round, VmMigrationRequested, node_id)}
         assert requested <= self.core_saw_migrated.get(node_id, set()), "upgrade before migrations"
         for vm in self.vms.values():
             if vm.location == node_id or vm.flying_to == node_id:

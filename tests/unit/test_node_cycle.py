@@ -10,6 +10,7 @@ import pytest
 from core_harness import (
     CAMPAIGN,
     MANIFEST,
+    OLD,
     T0,
     TARGET,
     Driver,
@@ -408,7 +409,7 @@ def test_migration_failure_retries_with_a_new_id_and_ignores_stale_failures() ->
 
 def test_migration_failures_exhausted_release_the_node_untouched() -> None:
     d = Driver(["n1"])
-    migrating(d, "vm-1", max_step_attempts=2)
+    migrating(d, "vm-1", max_step_attempts=2, max_deferrals=0)
     for _ in range(2):
         request = d.latest(VmMigrationRequested, "n1")
         d.feed(reply(request, VmMigrationFailed, vm_id="vm-1", node_id="n1", reason="no capacity"))
@@ -418,6 +419,59 @@ def test_migration_failures_exhausted_release_the_node_untouched() -> None:
     assert "vm-1 could not be migrated: no capacity (after 2 attempt(s))" in d.node("n1").detail
     assert not of_type(d.emitted, NodeUpgradeRequested)
     assert of_type(commands, NodeAvailable)
+
+
+def test_a_node_that_cannot_be_emptied_returns_to_service_and_is_deferred() -> None:
+    d = Driver(["n1"])
+    migrating(d, "vm-1", max_step_attempts=2, max_deferrals=1, deferral_s=30)
+    for _ in range(2):
+        request = d.latest(VmMigrationRequested, "n1")
+        d.feed(reply(request, VmMigrationFailed, vm_id="vm-1", node_id="n1", reason="no capacity"))
+    exited(d, "n1")
+    record = d.node("n1")
+    assert record.step is NodeStep.PENDING and record.deferrals == 1
+    assert record.detail.startswith("deferred as the node could not be emptied: VM vm-1")
+    assert not of_type(d.emitted, NodeUpgradeRequested)
+    assert len(of_type(d.emitted, NodeMaintenanceRequested, "n1")) == 1
+    d.tick(31)
+    assert len(of_type(d.emitted, NodeMaintenanceRequested, "n1")) == 2  # a new round
+    d.enter("n1", [vm("vm-1")])
+    for _ in range(2):
+        request = d.latest(VmMigrationRequested, "n1")
+        d.feed(reply(request, VmMigrationFailed, vm_id="vm-1", node_id="n1", reason="no capacity"))
+    exited(d, "n1")
+    assert d.step("n1") is NodeStep.FAILED, "deferrals used up: it fails, untouched"
+    assert "still not emptied after 1 deferral(s)" in d.node("n1").detail
+
+
+def test_a_failed_migration_is_retried_away_from_the_destination_that_failed() -> None:
+    d = Driver(["n1"])
+    migrating(d, "vm-1", max_step_attempts=3)
+    first = d.latest(VmMigrationRequested, "n1")
+    assert first.avoid_destinations == ()
+    d.feed(
+        reply(
+            first,
+            VmMigrationFailed,
+            vm_id="vm-1",
+            node_id="n1",
+            reason="pre-copy did not converge",
+            destination_node_id="n7",
+        )
+    )
+    second = d.one(VmMigrationRequested, "n1")
+    assert second.attempt == 2 and second.avoid_destinations == ("n7",)
+    d.feed(
+        reply(
+            second,
+            VmMigrationFailed,
+            vm_id="vm-1",
+            node_id="n1",
+            reason="host error",
+            destination_node_id="n8",
+        )
+    )
+    assert d.one(VmMigrationRequested, "n1").avoid_destinations == ("n7", "n8")
 
 
 def test_migration_deadline_resends_then_gives_the_node_up() -> None:
@@ -455,6 +509,54 @@ def test_upgrade_failure_of_the_current_attempt_quarantines_the_node() -> None:
     assert "quarantined" in d.node("n1").detail and "sha256 mismatch" in d.node("n1").detail
     assert not of_type(d.emitted, NodeMaintenanceExitRequested, "n1")  # stays in maintenance
     assert d.one(NodeMaintenanceRequested, "n2")
+
+
+def test_upgrade_failure_rolled_back_and_healthy_returns_the_node_to_service() -> None:
+    d = Driver(["n1", "n2"])
+    d.start()
+    upgrade = drive_to_upgrading(d)
+    d.feed(
+        reply(
+            upgrade,
+            NodeUpgradeFailed,
+            node_id="n1",
+            reason="service did not start",
+            phase="verify",
+            installed_version=OLD,
+            attempts=3,
+            rolled_back=True,
+            healthy=True,
+        )
+    )
+    assert d.step("n1") is NodeStep.RELEASING
+    commands = exited(d, "n1")
+    record = d.node("n1")
+    assert record.step is NodeStep.FAILED
+    assert "after 3 attempt(s): service did not start" in record.detail
+    assert f"rolled back to {OLD}, healthy" in record.detail
+    assert of_type(commands, NodeAvailable)
+    assert d.state is not None and d.state.campaign.failed == 1
+
+
+def test_upgrade_failure_rolled_back_but_unhealthy_stays_quarantined() -> None:
+    d = Driver(["n1"])
+    d.start()
+    upgrade = drive_to_upgrading(d)
+    d.feed(
+        reply(
+            upgrade,
+            NodeUpgradeFailed,
+            node_id="n1",
+            reason="kernel panic",
+            attempts=2,
+            rolled_back=True,
+            healthy=False,
+        )
+    )
+    assert d.step("n1") is NodeStep.FAILED
+    assert "rolled back but not healthy" in d.node("n1").detail
+    assert "quarantined" in d.node("n1").detail
+    assert not of_type(d.emitted, NodeMaintenanceExitRequested, "n1")
 
 
 def test_stale_upgrade_failure_is_ignored_and_any_attempt_success_counts() -> None:

@@ -126,6 +126,7 @@ def migrate_command(
         vm_id=m.vm_id,
         node_id=node_id,
         destination_node_id=None,
+        avoid_destinations=m.avoid,
         attempt=m.sent.attempt,
     )
 

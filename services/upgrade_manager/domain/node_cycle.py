@@ -188,7 +188,7 @@ def business_moved(
     policy = txn.policy
     refused = tuple(refusals)
     if refused and node.deferrals < policy.max_deferrals:
-        defer(txn, node, refused)
+        defer(txn, node, f"by {_refusal_text(refused)}")
         return
     if refused:
         why = (
@@ -226,14 +226,14 @@ def _refusal_text(refusals: tuple[VnfmRefusal, ...]) -> str:
     return "; ".join(f"{r.vnfm_id}: {r.reason}" for r in refusals)
 
 
-def defer(txn: Txn, node: NodeRecord, refusals: tuple[VnfmRefusal, ...]) -> None:
+def defer(txn: Txn, node: NodeRecord, why: str) -> NodeRecord:
     """Release the node untouched; it goes back to PENDING once out of maintenance."""
     retry_at = txn.ctx.now + timedelta(seconds=txn.policy.deferral_s)
     detail = (
-        f"deferred by {_refusal_text(refusals)} ({node.deferrals + 1}/{txn.policy.max_deferrals})"
+        f"deferred {why} ({node.deferrals + 1}/{txn.policy.max_deferrals})"
         f", retry after {clock(retry_at)}"
     )
-    release(txn, node.model_copy(update={"retry_at": retry_at}), NodeStep.PENDING, detail)
+    return release(txn, node.model_copy(update={"retry_at": retry_at}), NodeStep.PENDING, detail)
 
 
 def _requeue(txn: Txn, node: NodeRecord) -> None:
@@ -296,19 +296,33 @@ def on_vm_migration_failed(txn: Txn, node: NodeRecord, event: VmMigrationFailed)
         txn.plan, node.node_id, pending, node.deferrals
     ):
         return
+    tried = event.destination_node_id
+    if tried is not None and tried not in pending.avoid:
+        pending = pending.model_copy(update={"avoid": (*pending.avoid, tried)})
     retry_migration(txn, node, pending, f"VM {event.vm_id} could not be migrated: {event.reason}")
 
 
 def retry_migration(txn: Txn, node: NodeRecord, pending: PendingMigration, why: str) -> NodeRecord:
-    """Re-request one VM's migration, or give the node up once attempts are exhausted."""
+    """Re-request one VM's migration elsewhere, or give the node up once attempts run out.
+
+    A node that cannot be emptied goes back to service untouched (nothing was upgraded) and is
+    deferred, like a node a VNFM refused; after `max_deferrals` deferrals it fails, untouched.
+    """
     attempt = pending.sent.attempt
     if attempt >= txn.policy.max_step_attempts:
-        # The node cannot be emptied: leave it untouched rather than upgrade it with VMs on it.
+        why = f"{why} (after {attempt} attempt(s))"
+        if node.deferrals < txn.policy.max_deferrals:
+            return defer(txn, node, f"as the node could not be emptied: {why}")
         return release(
-            txn, node, NodeStep.FAILED, f"{why} (after {attempt} attempt(s)); node not upgraded"
+            txn,
+            node,
+            NodeStep.FAILED,
+            f"{why}, still not emptied after {node.deferrals} deferral(s); node not upgraded",
         )
     retry = PendingMigration(
-        vm_id=pending.vm_id, sent=txn.sent(txn.policy.step_timeout_s, attempt + 1)
+        vm_id=pending.vm_id,
+        sent=txn.sent(txn.policy.step_timeout_s, attempt + 1),
+        avoid=pending.avoid,
     )
     migrations = tuple(retry if m.vm_id == pending.vm_id else m for m in node.migrations)
     detail = f"{_migrating_detail(migrations)}; retrying {pending.vm_id} (attempt {attempt + 1})"
@@ -359,13 +373,17 @@ def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> N
     )
     if event.causation_id != current:
         return  # the failure of an attempt that was already re-sent
-    finish(
-        txn,
-        node,
-        NodeStep.FAILED,
-        f"upgrade to {txn.plan.target_version} failed in {event.phase}: {event.reason}; "
-        + QUARANTINED,
+    failed = (
+        f"upgrade to {txn.plan.target_version} failed in {event.phase} after "
+        f"{event.attempts} attempt(s): {event.reason}"
     )
+    if event.rolled_back and event.healthy:
+        back = event.installed_version or "its previous version"
+        release(txn, node, NodeStep.FAILED, f"{failed}; rolled back to {back}, healthy")
+        return
+    if event.rolled_back:
+        failed += "; rolled back but not healthy"
+    finish(txn, node, NodeStep.FAILED, f"{failed}; {QUARANTINED}")
 
 
 QUARANTINED = "node kept in maintenance (quarantined) so that it takes no VMs"

@@ -69,6 +69,9 @@ class PendingMigration(ValueModel):
 
     vm_id: VmId
     sent: Sent
+    # Destinations that failed for this VM in this cycle: a retry asks the Cloud Manager to
+    # place it elsewhere.
+    avoid: tuple[NodeId, ...] = ()
 
 
 class NodeRecord(ValueModel):
