@@ -1,5 +1,9 @@
 """`python -m services.node_agent --node-id N --world URL`: one agent process per node.
 
+`--node-ids a,b,c` or `--node-ids-file FILE` (ids separated by commas or newlines) instead runs
+one process hosting an agent per node, each with the semantics of a process of its own (see
+`services/node_agent/pool.py`); the other flags apply to every hosted agent.
+
 Kafka settings come from the environment (`KAFKA_BOOTSTRAP_SERVERS`, `ESCALATOR_KAFKA_*`); the
 agent's own from `ESCALATOR_NODE_AGENT_*`, overridden by the flags. Heavy imports (aiokafka,
 aiohttp) happen only once the arguments are parsed, so `--help` and bad flags stay instant.
@@ -21,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m services.node_agent", description="Escalator node agent (one per node)."
     )
-    parser.add_argument("--node-id", help="node to serve (ESCALATOR_NODE_AGENT_NODE_ID)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--node-id", help="node to serve (ESCALATOR_NODE_AGENT_NODE_ID)")
+    which.add_argument(
+        "--node-ids", help="host one agent per node of this comma-separated list (a pool)"
+    )
+    which.add_argument(
+        "--node-ids-file", help="host one agent per node listed in this file (a pool)"
+    )
     parser.add_argument("--world", help="simulated cloud URL (ESCALATOR_NODE_AGENT_WORLD_URL)")
     parser.add_argument("--heartbeat-interval-s", type=float, help="seconds between heartbeats")
     parser.add_argument("--reboot-s", type=float, help="nominal reboot duration of an upgrade")
@@ -34,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     from services.node_agent.settings import NodeAgentSettings
 
+    if args.node_ids is not None or args.node_ids_file is not None:
+        return _main_pool(args)
     settings = load_settings(
         NodeAgentSettings,
         "node agent",
@@ -45,6 +58,38 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         return 2
     return run_until_interrupted(_serve(settings))
+
+
+def _main_pool(args: argparse.Namespace) -> int:
+    from services.node_agent.pool import parse_node_ids, serve_pool
+    from services.node_agent.settings import NodeAgentSettings
+
+    try:
+        if args.node_ids_file is not None:
+            with open(args.node_ids_file, encoding="utf-8") as f:
+                node_ids = parse_node_ids(f.read())
+        else:
+            node_ids = parse_node_ids(args.node_ids)
+    except (OSError, ValueError) as exc:
+        print(f"node agent: bad node list: {exc}", file=sys.stderr)
+        return 2
+    if not node_ids:
+        print("node agent: bad node list: no node id given", file=sys.stderr)
+        return 2
+    members = []
+    for node_id in node_ids:
+        settings = load_settings(
+            NodeAgentSettings,
+            "node agent",
+            node_id=node_id,
+            world_url=args.world,
+            heartbeat_interval_s=args.heartbeat_interval_s,
+            reboot_s=args.reboot_s,
+        )
+        if settings is None:
+            return 2
+        members.append(settings)
+    return run_until_interrupted(serve_pool(members))
 
 
 async def _serve(settings: Any) -> None:
