@@ -257,6 +257,90 @@ class CampaignFailed(Event):
     failed: int = Field(ge=0, description="Nodes whose cycle failed.", examples=[1])
 
 
+class OnAbortUpgrading(StrEnum):
+    """What an operator's abort does to nodes whose upgrade is under way."""
+
+    FINISH = "finish"
+    ROLLBACK = "rollback"
+
+
+class CampaignPauseRequested(Event):
+    """The operator asks that no new node start; nodes in their cycle finish."""
+
+    event_type: Literal["CampaignPauseRequested"] = type_field("CampaignPauseRequested")
+    requested_by: str = Field(
+        default="", max_length=200, description="Who asked.", examples=["ops@example.net"]
+    )
+    reason: str = Field(
+        default="", max_length=2000, description="Why, for the record.", examples=["peak hour"]
+    )
+
+
+class CampaignResumeRequested(Event):
+    """The operator asks a paused campaign to start nodes again."""
+
+    event_type: Literal["CampaignResumeRequested"] = type_field("CampaignResumeRequested")
+    requested_by: str = Field(
+        default="", max_length=200, description="Who asked.", examples=["ops@example.net"]
+    )
+
+
+class CampaignAbortRequested(Event):
+    """The operator stops the campaign for good.
+
+    Nodes in maintenance but not yet upgrading return to service untouched; nodes upgrading
+    finish, or are rolled back, as `upgrading` says. No node starts any more.
+    """
+
+    event_type: Literal["CampaignAbortRequested"] = type_field("CampaignAbortRequested")
+    upgrading: OnAbortUpgrading = Field(
+        default=OnAbortUpgrading.FINISH,
+        description="What happens to nodes whose upgrade is under way.",
+        examples=[OnAbortUpgrading.ROLLBACK],
+    )
+    requested_by: str = Field(
+        default="", max_length=200, description="Who asked.", examples=["ops@example.net"]
+    )
+    reason: str = Field(
+        default="", max_length=2000, description="Why, for the record.", examples=["bad build"]
+    )
+
+
+class NodeRetryRequested(Event):
+    """The operator re-admits a quarantined (failed) or deferred node into its campaign."""
+
+    event_type: Literal["NodeRetryRequested"] = type_field("NodeRetryRequested")
+    node_id: NodeId = Field(description="Node to re-admit.", examples=["compute-0-07"])
+    requested_by: str = Field(
+        default="", max_length=200, description="Who asked.", examples=["ops@example.net"]
+    )
+
+
+class CampaignPaused(Event):
+    """The campaign starts no new node until resumed."""
+
+    event_type: Literal["CampaignPaused"] = type_field("CampaignPaused")
+    reason: str = Field(default="", description="The operator's reason.", examples=["peak hour"])
+
+
+class CampaignResumed(Event):
+    """A paused campaign starts nodes again."""
+
+    event_type: Literal["CampaignResumed"] = type_field("CampaignResumed")
+
+
+class OperatorRequestRejected(Event):
+    """An operator's control request could not be applied; nothing changed."""
+
+    event_type: Literal["OperatorRequestRejected"] = type_field("OperatorRequestRejected")
+    request_type: str = Field(
+        description="event_type of the rejected request.", examples=["NodeRetryRequested"]
+    )
+    reason: str = Field(
+        description="Why it was rejected.", examples=["compute-0-07 is done, not failed"]
+    )
+
+
 class NodeStep(StrEnum):
     """The steps of one node's upgrade cycle, in order."""
 
@@ -729,6 +813,34 @@ class NodeUpgradeFailed(Event):
     )
 
 
+class NodeRollbackRequested(Event):
+    """Roll this node back to the version it ran before the campaign's upgrade."""
+
+    event_type: Literal["NodeRollbackRequested"] = type_field("NodeRollbackRequested")
+    node_id: NodeId = _NODE
+    target_version: Version = Field(
+        description="The campaign's version, the one to roll back from.", examples=["29.1.0"]
+    )
+    attempt: int = _ATTEMPT
+
+
+class NodeRollbackCompleted(Event):
+    """The node agent rolled the node back (or found it already on its previous version)."""
+
+    event_type: Literal["NodeRollbackCompleted"] = type_field("NodeRollbackCompleted")
+    node_id: NodeId = _NODE
+    installed_version: Version = Field(
+        description="Version the node runs now.", examples=["29.0.3"]
+    )
+    healthy: bool = Field(
+        description="The node passed its health check and may return to service.",
+        examples=[True],
+    )
+    reason: str = Field(
+        default="", max_length=2000, description="Why it is not healthy, if not.", examples=[""]
+    )
+
+
 class NodeAgentHeartbeat(Event):
     """A node agent is alive; published periodically on a compacted topic keyed by node."""
 
@@ -875,6 +987,13 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     CampaignRejected,
     CampaignCompleted,
     CampaignFailed,
+    CampaignPauseRequested,
+    CampaignResumeRequested,
+    CampaignAbortRequested,
+    NodeRetryRequested,
+    CampaignPaused,
+    CampaignResumed,
+    OperatorRequestRejected,
     NodeCycleAdvanced,
     NodeMaintenanceRequested,
     NodeMaintenanceEntered,
@@ -903,6 +1022,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     NodeUpgradeProgressed,
     NodeUpgraded,
     NodeUpgradeFailed,
+    NodeRollbackRequested,
+    NodeRollbackCompleted,
     NodeAgentHeartbeat,
     NodeInventoryReported,
     VnfRegistered,

@@ -58,6 +58,13 @@ CAMPAIGNS = TopicSpec(
         ev.CampaignCompleted,
         ev.CampaignFailed,
         ev.NodeCycleAdvanced,
+        ev.CampaignPauseRequested,
+        ev.CampaignResumeRequested,
+        ev.CampaignAbortRequested,
+        ev.NodeRetryRequested,
+        ev.CampaignPaused,
+        ev.CampaignResumed,
+        ev.OperatorRequestRejected,
     ),
     producers=(Service.OPERATOR_CLI, Service.UPGRADE_MANAGER),
     consumers=(Service.UPGRADE_MANAGER, Service.OPERATOR_CLI),
@@ -141,10 +148,11 @@ VNFM_REPLIES = TopicSpec(
 NODE_COMMANDS = TopicSpec(
     name="escalator.node.commands.v1",
     key_field="node_id",
-    events=(ev.NodeUpgradeRequested,),
+    events=(ev.NodeUpgradeRequested, ev.NodeRollbackRequested),
     producers=(Service.UPGRADE_MANAGER,),
     consumers=(Service.NODE_AGENT,),
-    description="Upgrade requests, keyed by node; each agent reads only its key's partition.",
+    description="Upgrade and rollback requests, keyed by node; each agent reads only its key's "
+    "partition.",
 )
 NODE_EVENTS = TopicSpec(
     name="escalator.node.events.v1",
@@ -154,6 +162,7 @@ NODE_EVENTS = TopicSpec(
         ev.NodeUpgradeProgressed,
         ev.NodeUpgraded,
         ev.NodeUpgradeFailed,
+        ev.NodeRollbackCompleted,
     ),
     producers=(Service.NODE_AGENT,),
     consumers=(Service.UPGRADE_MANAGER,),

@@ -31,11 +31,22 @@ INPUT_TOPICS: tuple[TopicSpec, ...] = (
 # in the campaign's partition (see state_store.py).
 STATE_TOPIC = "escalator.upgrade-manager.state.v1"
 
+# What operators write on CAMPAIGNS: the Upgrade Manager's inputs there.
+OPERATOR_REQUESTS = frozenset(
+    {
+        "UpgradeRequested",
+        "CampaignPauseRequested",
+        "CampaignResumeRequested",
+        "CampaignAbortRequested",
+        "NodeRetryRequested",
+    }
+)
+
 # What the Upgrade Manager itself writes on CAMPAIGNS: read back as input, and skipped unread.
 OWN_OUTPUTS = frozenset(
     cls.model_fields["event_type"].default
     for cls in topics.CAMPAIGNS.events
-    if cls.model_fields["event_type"].default != "UpgradeRequested"
+    if cls.model_fields["event_type"].default not in OPERATOR_REQUESTS
 )
 
 _OUTPUT_TOPICS = tuple(t for t in topics.ALL_TOPICS if Service.UPGRADE_MANAGER in t.producers)

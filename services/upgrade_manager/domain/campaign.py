@@ -18,13 +18,18 @@ from schemas.envelope import Event, command_id
 from schemas.events import (
     BusinessMoved,
     BusinessMoveDeadlineExtended,
+    CampaignAbortRequested,
     CampaignCompleted,
     CampaignFailed,
+    CampaignPauseRequested,
     CampaignRejected,
+    CampaignResumeRequested,
     CampaignStarted,
     NodeMaintenanceEntered,
     NodeMaintenanceExited,
     NodeMaintenanceRefused,
+    NodeRetryRequested,
+    NodeRollbackCompleted,
     NodeStep,
     NodeUpgradeAccepted,
     NodeUpgraded,
@@ -35,8 +40,10 @@ from schemas.events import (
     VmMigrationFailed,
 )
 
+from . import controls
 from . import node_cycle as cycle
-from .commands import clip, envelope, in_flight_commands, listing
+from .commands import clip, envelope, in_flight_commands, listing, round_part
+from .controls import ControlRequest
 from .planner import Limits, PlanStep, Progress, plan_step, priority_order
 from .state import (
     CampaignPlan,
@@ -59,6 +66,8 @@ def decide(state: CampaignState | None, event: Input, ctx: Context) -> Decision:
     """The next state of one campaign and the commands to publish, given one input."""
     if isinstance(event, UpgradeRequested):
         return on_upgrade_requested(state, event, ctx)
+    if isinstance(event, CONTROL_REQUESTS):
+        return on_control_request(state, event, ctx)
     if state is None or state.campaign.status.ended:
         return Decision(state)
     if isinstance(event, Event) and event.campaign_id != state.campaign.campaign_id:
@@ -68,6 +77,33 @@ def decide(state: CampaignState | None, event: Input, ctx: Context) -> Decision:
         on_tick(txn)
     else:
         route(txn, event)
+    advance_campaign(txn)
+    return txn.decision()
+
+
+CONTROL_REQUESTS = (
+    CampaignPauseRequested,
+    CampaignResumeRequested,
+    CampaignAbortRequested,
+    NodeRetryRequested,
+)
+
+
+def on_control_request(
+    state: CampaignState | None, request: ControlRequest, ctx: Context
+) -> Decision:
+    """An operator's pause, resume, abort or retry; ended campaigns accept only a retry."""
+    if state is None or request.campaign_id != state.campaign.campaign_id:
+        return Decision(state)  # the CLI checks that the campaign exists before it asks
+    status = state.campaign.status
+    if status is CampaignStatus.REJECTED:
+        return Decision(state)
+    txn = Txn(state, ctx, request)
+    if status.ended and not isinstance(request, NodeRetryRequested):
+        if request.event_id not in state.campaign.controls_seen:
+            controls.reject(txn, request, f"campaign has ended ({status.value})")
+    else:
+        controls.on_control(txn, request)
     advance_campaign(txn)
     return txn.decision()
 
@@ -224,6 +260,8 @@ def route(txn: Txn, event: Event) -> None:
             cycle.on_upgrade_failed(txn, node, event)
         case NodeMaintenanceExited():
             cycle.on_maintenance_exited(txn, node)
+        case NodeRollbackCompleted():
+            cycle.on_rolled_back(txn, node, event)
         case _:
             pass  # our own progress events, or events of other services: nothing to do
 
@@ -442,7 +480,7 @@ def halt_reason(txn: Txn) -> str:
 
 
 def _campaign_envelope(txn: Txn, what: str) -> dict[str, Any]:
-    event_id = command_id(txn.campaign.campaign_id, what)
+    event_id = command_id(txn.campaign.campaign_id, what, *round_part(txn.campaign.reopened))
     return envelope(txn.plan, event_id, txn.ctx.now, txn.cause_id)
 
 

@@ -15,6 +15,7 @@ from schemas.events import (
     BusinessMoveRequested,
     NodeMaintenanceExitRequested,
     NodeMaintenanceRequested,
+    NodeRollbackRequested,
     NodeStep,
     NodeUpgradeRequested,
     VmMigrationRequested,
@@ -131,6 +132,22 @@ def migrate_command(
     )
 
 
+def rollback_command(
+    plan: CampaignPlan, node_id: str, sent: Sent, deferrals: int = 0
+) -> NodeRollbackRequested:
+    event_id = command_id(plan.campaign_id, node_id, ROLLBACK, sent.attempt, *round_part(deferrals))
+    return NodeRollbackRequested(
+        **envelope(plan, event_id, sent.at, sent.cause),
+        node_id=node_id,
+        target_version=plan.target_version,
+        attempt=sent.attempt,
+    )
+
+
+# The id part of rollback commands (the node stays in its UPGRADING step while rolling back).
+ROLLBACK = "rollback"
+
+
 def upgrade_command(
     plan: CampaignPlan, node_id: str, sent: Sent, deferrals: int = 0
 ) -> NodeUpgradeRequested:
@@ -167,6 +184,8 @@ def in_flight_commands(plan: CampaignPlan, node: NodeRecord) -> list[Event]:
             return [claim_command(plan, node.node_id, sent, r)]
         case NodeStep.NOTIFYING:
             return [notify_command(plan, node, sent)]
+        case NodeStep.UPGRADING if node.rolling_back:
+            return [rollback_command(plan, node.node_id, sent, r)]
         case NodeStep.UPGRADING:
             return [upgrade_command(plan, node.node_id, sent, r)]
         case NodeStep.RELEASING:

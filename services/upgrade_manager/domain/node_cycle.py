@@ -28,6 +28,7 @@ from schemas.events import (
     NodeAvailable,
     NodeMaintenanceEntered,
     NodeMaintenanceRefused,
+    NodeRollbackCompleted,
     NodeStep,
     NodeUpgraded,
     NodeUpgradeFailed,
@@ -38,6 +39,7 @@ from schemas.types import VmBusinessOutcome, VmOnNode, VnfmRefusal, VnfmTimeoutP
 
 from .commands import (
     AVAILABLE,
+    ROLLBACK,
     clock,
     envelope,
     in_flight_commands,
@@ -343,14 +345,14 @@ def begin_upgrade(txn: Txn, node: NodeRecord) -> None:
 
 
 def on_upgrade_accepted(txn: Txn, node: NodeRecord) -> None:
-    if node.step is not NodeStep.UPGRADING or node.upgrade_percent is not None:
+    if node.step is not NodeStep.UPGRADING or node.upgrade_percent is not None or node.rolling_back:
         return  # a late or duplicate acceptance must not hide progress already reported
     detail = f"node agent accepted the upgrade to {txn.plan.target_version}"
     txn.save(node.model_copy(update={"detail": detail, "upgrade_percent": 0.0}))
 
 
 def on_upgrade_progressed(txn: Txn, node: NodeRecord, event: NodeUpgradeProgressed) -> None:
-    if node.step is not NodeStep.UPGRADING:
+    if node.step is not NodeStep.UPGRADING or node.rolling_back:
         return
     if node.upgrade_percent is not None and event.percent <= node.upgrade_percent:
         return  # progress shown never goes backwards, whatever the delivery order
@@ -362,11 +364,13 @@ def on_upgraded(txn: Txn, node: NodeRecord, event: NodeUpgraded) -> None:
     # A success from any attempt is a fact; a different version is not the success we wait for.
     if node.step is not NodeStep.UPGRADING or event.version != txn.plan.target_version:
         return
+    if node.rolling_back:
+        return  # the abort asked for a rollback, which undoes this upgrade
     release(txn, node, NodeStep.DONE, f"upgraded to {event.version}")
 
 
 def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> None:
-    if node.step is not NodeStep.UPGRADING or node.sent is None:
+    if node.step is not NodeStep.UPGRADING or node.sent is None or node.rolling_back:
         return
     current = step_command_id(
         txn.plan, node.node_id, NodeStep.UPGRADING, node.sent.attempt, node.deferrals
@@ -387,6 +391,45 @@ def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> N
 
 
 QUARANTINED = "node kept in maintenance (quarantined) so that it takes no VMs"
+
+
+def begin_rollback(txn: Txn, node: NodeRecord, reason: str) -> None:
+    """Ask the agent to put the node back on its previous version (an abort with rollback)."""
+    sent = txn.sent(txn.policy.upgrade_timeout_s)
+    node = txn.enter(
+        node,
+        NodeStep.UPGRADING,
+        f"rolling back from {txn.plan.target_version}: {reason}",
+        sent=sent,
+        rolling_back=True,
+        upgrade_percent=None,
+    )
+    txn.emit(*in_flight_commands(txn.plan, node))
+
+
+def on_rolled_back(txn: Txn, node: NodeRecord, event: NodeRollbackCompleted) -> None:
+    if node.step is not NodeStep.UPGRADING or not node.rolling_back or node.sent is None:
+        return
+    current = command_id(
+        txn.plan.campaign_id, node.node_id, ROLLBACK, node.sent.attempt, *round_part(node.deferrals)
+    )
+    if event.causation_id != current:
+        return
+    if event.healthy:
+        release(
+            txn,
+            node,
+            NodeStep.SKIPPED,
+            f"campaign aborted; rolled back to {event.installed_version}, healthy",
+        )
+        return
+    finish(
+        txn,
+        node,
+        NodeStep.FAILED,
+        f"campaign aborted; rollback left {event.installed_version} unhealthy: {event.reason}; "
+        + QUARANTINED,
+    )
 
 
 # --- RELEASING -----------------------------------------------------------------------------
@@ -466,9 +509,15 @@ def on_deadline(txn: Txn, node: NodeRecord) -> None:
             # The claim may have taken effect unseen; the release is holder-checked, so harmless.
             release(txn, node, NodeStep.FAILED, f"maintenance not confirmed {_after(node)}")
         case NodeStep.UPGRADING if not _exhausted(txn, node):
-            _resend(txn, node, policy.upgrade_timeout_s, lambda sent: _upgrade_detail(txn, sent))
+            _resend(
+                txn,
+                node,
+                policy.upgrade_timeout_s,
+                lambda sent: _upgrade_detail(txn, sent, node.rolling_back),
+            )
         case NodeStep.UPGRADING:
-            finish(txn, node, NodeStep.FAILED, f"no upgrade result {_after(node)}; {QUARANTINED}")
+            what = "rollback" if node.rolling_back else "upgrade"
+            finish(txn, node, NodeStep.FAILED, f"no {what} result {_after(node)}; {QUARANTINED}")
         case NodeStep.RELEASING if not _exhausted(txn, node):
             _resend(txn, node, policy.step_timeout_s, lambda sent: _release_detail(node, sent))
         case NodeStep.RELEASING:
@@ -538,7 +587,9 @@ def _claim_detail(sent: Sent) -> str:
     return f"waiting for maintenance mode (attempt {sent.attempt}) until {clock(sent.deadline)}"
 
 
-def _upgrade_detail(txn: Txn, sent: Sent) -> str:
+def _upgrade_detail(txn: Txn, sent: Sent, rolling_back: bool = False) -> str:
+    if rolling_back:
+        return f"rolling back from {txn.plan.target_version} (attempt {sent.attempt})"
     return (
         f"waiting for the node agent to install {txn.plan.target_version} "
         f"(attempt {sent.attempt}) until {clock(sent.deadline)}"

@@ -257,11 +257,15 @@ class PlanStep:
 
 
 class _Capacity:
-    """Free room on the available hosts, for one planning step; mutated as nodes are added."""
+    """Free room on the available hosts, for one planning step; mutated as nodes are added.
+
+    Every VM placed in the step is remembered with its destination (`placed`, `on_host`): a host
+    that received VMs and then joins the step itself hands them on to the hosts left in service,
+    so no VM is ever placed on a node that is in the step, and no room is counted twice.
+    """
 
     def __init__(self, cloud: Cloud, unavailable: set[str]) -> None:
         self.cloud = cloud
-        self.unavailable = unavailable
         self.free: dict[str, tuple[int, int]] = {}
         # A max-heap on free vCPUs (worst fit spreads load, keeping room for later batches).
         self.heap: list[tuple[int, int, str]] = []
@@ -271,42 +275,67 @@ class _Capacity:
             self.free[node_id] = (host.free_vcpus, host.free_ram_mb)
             self.heap.append((-host.free_vcpus, -host.free_ram_mb, node_id))
         heapq.heapify(self.heap)
-        # VNF members placed on a host during this step, for anti-affinity.
-        self.added_vnfs: dict[str, set[str]] = defaultdict(set)
+        # Per host, the VNF members placed on it during this step (for anti-affinity).
+        self.added: dict[str, dict[str, int]] = {}
+        # vm id -> destination, and destination -> the VMs placed there, in this step.
+        self.placed: dict[str, str] = {}
+        self.on_host: dict[str, list[VmLoad]] = {}
 
-    def reserve_in_cycle(
-        self, in_cycle: Iterable[str], rules: Mapping[str, VnfRule], placements: dict[str, str]
-    ) -> bool:
+    def reserve_in_cycle(self, in_cycle: Iterable[str], rules: Mapping[str, VnfRule]) -> bool:
         """Room for the VMs still on the campaign's nodes in their cycle: any may be migrated."""
         fits = True
         for node_id in sorted(in_cycle):
             host = self.cloud.hosts.get(node_id)
             if host is None or not host.vms:
                 continue
-            found = self.place(host, rules)
-            if found is None:
+            if not self.place(host.vms, rules):
                 fits = False
-            else:
-                placements.update(found)
         return fits
 
-    def withdraw(self, node_id: str) -> None:
-        """The node joins the step: it takes no VM any more (its heap entry goes stale)."""
-        self.free.pop(node_id, None)
+    def take(self, host: Host, rules: Mapping[str, VnfRule]) -> bool:
+        """The node leaves service for the step if its VMs, and the VMs placed on it earlier in
+        the step, all fit on the hosts left; otherwise nothing changes and it stays a host."""
+        node_id = host.node_id
+        room = self.free.pop(node_id, None)  # its heap entry goes stale
+        handed_on = self.on_host.pop(node_id, [])
+        members = self.added.pop(node_id, None)
+        if self.place([*handed_on, *host.vms], rules):
+            return True
+        if room is not None:
+            self._set(node_id, *room)
+        if handed_on:
+            self.on_host[node_id] = handed_on
+        if members is not None:
+            self.added[node_id] = members
+        return False
 
-    def place(self, host: Host, rules: Mapping[str, VnfRule]) -> dict[str, str] | None:
-        """A destination for every VM of `host`, reserved; None (nothing reserved) if one fails."""
-        chosen: dict[str, str] = {}
-        reserved: list[tuple[str, int, int, str | None]] = []
-        for vm in sorted(host.vms, key=lambda v: (-v.vcpus, -v.ram_mb, v.vm_id)):
+    def place(self, vms: Iterable[VmLoad], rules: Mapping[str, VnfRule]) -> bool:
+        """A destination for every VM, reserved; False (nothing reserved) if one fails."""
+        chosen = self.reserve(vms, rules)
+        if chosen is None:
+            return False
+        for vm, node_id in chosen:
+            self.placed[vm.vm_id] = node_id
+            self.on_host.setdefault(node_id, []).append(vm)
+        return True
+
+    def reserve(
+        self, vms: Iterable[VmLoad], rules: Mapping[str, VnfRule]
+    ) -> list[tuple[VmLoad, str]] | None:
+        """Room for every VM, largest first, not recorded as placed (see `place`); None, with
+        nothing reserved, if one does not fit."""
+        chosen: list[tuple[VmLoad, str]] = []
+        for vm in sorted(vms, key=lambda v: (-v.vcpus, -v.ram_mb, v.vm_id)):
             destination = self._pick(vm, rules)
             if destination is None:
-                for node_id, vcpus, ram, vnf_id in reserved:
-                    self._give_back(node_id, vcpus, ram, vnf_id)
+                self.unreserve(chosen)
                 return None
-            chosen[vm.vm_id] = destination
-            reserved.append((destination, vm.vcpus, vm.ram_mb, vm.vnf_id))
+            chosen.append((vm, destination))
         return chosen
+
+    def unreserve(self, chosen: Iterable[tuple[VmLoad, str]]) -> None:
+        for vm, node_id in chosen:
+            self._give_back(node_id, vm)
 
     def _separated(self, node_id: str, vnf_id: str | None, rules: Mapping[str, VnfRule]) -> bool:
         if vnf_id is None:
@@ -316,7 +345,7 @@ class _Capacity:
             return True
         if node_id in self.cloud.vnf_hosts.get(vnf_id, {}):
             return False
-        return vnf_id not in self.added_vnfs.get(node_id, ())
+        return self.added.get(node_id, {}).get(vnf_id, 0) == 0
 
     def _pick(self, vm: VmLoad, rules: Mapping[str, VnfRule]) -> str | None:
         set_aside: list[tuple[int, int, str]] = []
@@ -340,14 +369,18 @@ class _Capacity:
         cpu, ram = self.free[found]
         self._set(found, cpu - vm.vcpus, ram - vm.ram_mb)
         if vm.vnf_id is not None:
-            self.added_vnfs[found].add(vm.vnf_id)
+            members = self.added.setdefault(found, {})
+            members[vm.vnf_id] = members.get(vm.vnf_id, 0) + 1
         return found
 
-    def _give_back(self, node_id: str, vcpus: int, ram_mb: int, vnf_id: str | None) -> None:
+    def _give_back(self, node_id: str, vm: VmLoad) -> None:
         cpu, ram = self.free[node_id]
-        self._set(node_id, cpu + vcpus, ram + ram_mb)
-        if vnf_id is not None:
-            self.added_vnfs[node_id].discard(vnf_id)
+        self._set(node_id, cpu + vm.vcpus, ram + vm.ram_mb)
+        if vm.vnf_id is not None:
+            members = self.added[node_id]
+            members[vm.vnf_id] -= 1
+            if not members[vm.vnf_id]:
+                del members[vm.vnf_id]
 
     def _set(self, node_id: str, cpu: int, ram: int) -> None:
         self.free[node_id] = (cpu, ram)
@@ -431,44 +464,45 @@ def plan_step(
     recovering = _recovering_until(cloud, rules, progress.released_at)
 
     capacity: _Capacity | None = None  # built on first need: most decisions have no free slot
+    in_cycle_fits = True
     start: list[str] = []
-    placements: dict[str, str] = {}
     passed_over = 0
+
+    def placements() -> dict[str, str]:
+        # No proof to give if the VMs of the nodes in their cycle do not all fit.
+        return dict(capacity.placed) if capacity is not None and in_cycle_fits else {}
+
     for index, node_id in enumerate(candidates):
         if slots <= 0:
             if not explain:
-                return PlanStep(tuple(start), placements, blocked, len(candidates) - index)
+                return PlanStep(tuple(start), placements(), blocked, len(candidates) - index)
             blocked[node_id] = Blocked(
                 Blocker.MAX_PARALLEL,
                 f"all {limits.max_parallel} slot(s) taken",
             )
             continue
         if scan_budget is not None and passed_over >= scan_budget and not explain:
-            return PlanStep(tuple(start), placements, blocked, len(candidates) - index)
+            return PlanStep(tuple(start), placements(), blocked, len(candidates) - index)
         host = cloud.hosts.get(node_id)
         reason = _first_blocker(host, node_id, rules, limits, per_domain, impacted, recovering, now)
+        if reason is None and node_id in unavailable:
+            # Already in its cycle, or named twice: it is not a candidate any more.
+            reason = Blocked(Blocker.IN_MAINTENANCE, "already in its cycle in this campaign")
         if reason is None and host is not None:
             if capacity is None:
                 capacity = _Capacity(cloud, unavailable)
-                if not capacity.reserve_in_cycle(progress.in_cycle, rules, placements):
-                    reason = Blocked(
-                        Blocker.CAPACITY,
-                        "the VMs of the nodes already in their cycle do not all fit elsewhere",
-                    )
-        if reason is None and host is not None and capacity is not None:
-            capacity.withdraw(node_id)
-            found = capacity.place(host, rules)
-            if found is None:
+                in_cycle_fits = capacity.reserve_in_cycle(progress.in_cycle, rules)
+            if not in_cycle_fits:
+                reason = Blocked(
+                    Blocker.CAPACITY,
+                    "the VMs of the nodes already in their cycle do not all fit elsewhere",
+                )
+            elif not capacity.take(host, rules):
                 reason = Blocked(
                     Blocker.CAPACITY,
                     f"its {len(host.vms)} VM(s) do not all fit on the nodes left in service"
                     " (vCPUs, RAM, anti-affinity)",
                 )
-                # The node stays in service: it is a destination again for later candidates.
-                capacity.free[node_id] = (host.free_vcpus, host.free_ram_mb)
-                heapq.heappush(capacity.heap, (-host.free_vcpus, -host.free_ram_mb, node_id))
-            else:
-                placements.update(found)
         if reason is not None:
             blocked[node_id] = reason
             passed_over += 1
@@ -480,7 +514,7 @@ def plan_step(
         per_domain[host.failure_domain] += 1
         for vnf_id, count in cloud.vnf_members_on(host).items():
             impacted[vnf_id] += count
-    return PlanStep(tuple(start), placements, blocked, 0)
+    return PlanStep(tuple(start), placements(), blocked, 0)
 
 
 def _first_blocker(
@@ -598,6 +632,7 @@ def never_upgradable(
     the other nodes together (every other node back in service).
     """
     found: dict[str, Impossible] = {}
+    capacity: _Capacity | None = None  # every node in service; each node is tried alone
     for node_id in nodes:
         host = cloud.hosts.get(node_id)
         if host is None:
@@ -616,8 +651,15 @@ def never_upgradable(
                 break
         if node_id in found:
             continue
-        capacity = _Capacity(cloud, {node_id})
-        if capacity.place(host, rules) is None:
+        if capacity is None:
+            capacity = _Capacity(cloud, set())
+        room = capacity.free.pop(node_id, None)
+        chosen = capacity.reserve(host.vms, rules)
+        if chosen is not None:
+            capacity.unreserve(chosen)
+        if room is not None:
+            capacity._set(node_id, *room)
+        if chosen is None:
             found[node_id] = Impossible(
                 node_id,
                 f"its {len(host.vms)} VM(s) ({host.used_vcpus} vCPUs, {host.used_ram_mb} MiB) do "

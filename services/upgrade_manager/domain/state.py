@@ -43,6 +43,8 @@ IN_CYCLE_STEPS = frozenset(
 
 class CampaignStatus(StrEnum):
     RUNNING = "running"
+    # The operator paused it: no node starts; nodes in their cycle go on.
+    PAUSED = "paused"
     # A node's VNFM timed out under policy `abort`: no node starts any more, unstarted nodes are
     # released, and the campaign fails once no node is left in its cycle.
     ABORTING = "aborting"
@@ -100,6 +102,8 @@ class NodeRecord(ValueModel):
     retry_at: AwareDatetime | None = None
     # When the node last left maintenance: its VNFs wait min_recovery_s from then.
     released_at: AwareDatetime | None = None
+    # UPGRADING, but the campaign was aborted with rollback: `sent` is the rollback request.
+    rolling_back: bool = False
 
     @property
     def in_cycle(self) -> bool:
@@ -170,6 +174,12 @@ class CampaignRecord(ValueModel):
     recent_releases: tuple[Release, ...] = ()
     # Why the PENDING nodes wait, as the planner last found (a summary for `escalator status`).
     waiting: str = ""
+    # Set by an operator's abort: what happens to nodes upgrading ("finish" or "rollback").
+    abort_upgrading: str | None = None
+    # Operator control requests already applied (bounded), so that redeliveries change nothing.
+    controls_seen: tuple[uuid.UUID, ...] = ()
+    # Times a retried node re-opened the campaign after it ended; part of the end events' ids.
+    reopened: int = Field(default=0, ge=0)
 
     @property
     def finished(self) -> int:
