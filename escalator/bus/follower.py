@@ -25,13 +25,13 @@ from escalator.bus.partitioning import topic_partitions
 from escalator.bus.readback import read_to_high_watermark
 from escalator.settings import KafkaSettings
 from schemas.codec import InvalidEvent, decode
-from schemas.envelope import Event
 from schemas.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
-# key, then the event or None for a tombstone
-ApplyRecord = Callable[[bytes, Event | None], None]
+# key, then the decoded value (an event, unless a decoder says otherwise) or None for a tombstone
+ApplyRecord = Callable[[bytes, Any], None]
+Decoder = Callable[[bytes], Any]
 DeadLetterHook = Callable[[Any, InvalidEvent], Awaitable[None]]
 
 
@@ -43,11 +43,13 @@ class CompactedFollower:
         apply: ApplyRecord,
         *,
         on_invalid: DeadLetterHook | None = None,
+        decoder: Decoder = decode,
     ) -> None:
         self._settings = settings
         self._topic = topic
         self._apply = apply
         self._on_invalid = on_invalid
+        self._decode = decoder
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -63,7 +65,7 @@ class CompactedFollower:
         await consumer.seek_to_end(*tps)
         for tp in tps:
             await consumer.position(tp)  # resolve the end now, before the read-back
-        records = await read_to_high_watermark(self._settings, name)
+        records = await read_to_high_watermark(self._settings, name, decoder=self._decode)
         for key, event in records.items():
             self._apply(key, event)
         self._task = asyncio.get_running_loop().create_task(self._follow(), name=f"follow {name}")
@@ -91,7 +93,7 @@ class CompactedFollower:
         if record.value is None:
             self._apply(record.key, None)
             return
-        event = decode(record.value)
+        event = self._decode(record.value)
         if isinstance(event, InvalidEvent):
             log.warning("following %s: skipped %s", self._topic.name, event)
             if self._on_invalid is not None:

@@ -126,6 +126,20 @@ class EventPublisher:
                 raise result
         return list(results)
 
+    async def publish_raw(
+        self, topic: str, records: Sequence[tuple[bytes, bytes | None]]
+    ) -> list[Any]:
+        """Send keyed raw values (None: a tombstone) to a full topic name; wait for every ack.
+
+        For internal compacted topics whose values are not catalogue events.
+        """
+        futures = [await self._producer.send(topic, value=v, key=k) for k, v in records]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
+
     async def publish_all(self, events: Sequence[Event], spec: TopicSpec) -> list[Any]:
         """`publish_many` for events that all go to one topic."""
         return await self.publish_many((event, spec) for event in events)

@@ -55,6 +55,7 @@ from schemas.codec import InvalidEvent, decode
 from schemas.envelope import Event
 from schemas.events import NodeStep, UpgradeRequested, VmMigrated, VmMigrationRequested
 from schemas.topics import DEAD_LETTERS_TOPIC
+from services.upgrade_manager.claims import CLAIMS_TOPIC, ClaimsView, NodeClaim
 from services.upgrade_manager.cloud_view import CloudView
 from services.upgrade_manager.domain import (
     CampaignPlan,
@@ -132,6 +133,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         publisher: EventPublisher,
         heartbeats: HeartbeatView,
         cloud: CloudView | None = None,
+        claims: ClaimsView | None = None,
         clock: Clock,
         metrics: Metrics,
     ) -> None:
@@ -143,6 +145,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         self._state = StoredState(producer, kafka.topic(STATE_TOPIC), kafka.partitions)
         self._heartbeats = heartbeats
         self._cloud = cloud
+        self._claims = claims
         self._clock = clock
         self.metrics = metrics
         self.latencies = Latencies()
@@ -395,14 +398,16 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _context(self) -> Context:
         view = self._cloud
+        claims = self._claims.claims if self._claims is not None else {}
         if view is None:
-            return Context(now=self._clock(), agents=self._heartbeats.agents)
+            return Context(now=self._clock(), agents=self._heartbeats.agents, claims=claims)
         return Context(
             now=self._clock(),
             agents=self._heartbeats.agents,
             cloud=view.cloud,
             rules=view.rules,
             max_recovery_s=view.max_recovery_s,
+            claims=claims,
         )
 
     async def _decide(self, campaign_id: str, inp: Input) -> int:
@@ -420,11 +425,36 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._publisher.publish_many(routed(decision.commands))
             published += len(decision.commands)
             self.metrics.commands.inc(len(decision.commands))
+        await self._record_claims(state, decision)
         await self._persist(campaign_id, decision)
         if decision.state is not None:
             self._cache[campaign_id] = decision.state
         self._log_changes(state, decision)
         return published
+
+    async def _record_claims(self, before: CampaignState | None, decision: Decision) -> None:
+        """Claim the campaign's nodes when it starts (or re-opens), release them when it ends.
+
+        Written before the state, so a crash in between re-decides the input and writes again.
+        """
+        after = decision.state
+        if self._claims is None or after is None:
+            return
+        was = before is not None and _holds_nodes(before.campaign.status)
+        now = _holds_nodes(after.campaign.status)
+        if was == now:
+            return
+        campaign_id = after.campaign.campaign_id
+        topic = self.kafka.topic(CLAIMS_TOPIC)
+        if now:
+            value = NodeClaim(campaign_id=campaign_id).model_dump_json().encode()
+            records = [(n.encode(), value) for n in after.plan.node_order]
+        else:
+            held = self._claims.held_by(campaign_id, after.plan.node_order)
+            records = [(n.encode(), None) for n in held]
+        for key, value in records:
+            self._claims.apply(key, NodeClaim.model_validate_json(value) if value else None)
+        await self._publisher.publish_raw(topic, records)
 
     def _pretend_migrations_done(self, decision: Decision) -> Decision:
         """Negative control for tests only: never migrate, claim every migration succeeded."""
@@ -520,3 +550,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             reason,
             detail,
         )
+
+
+def _holds_nodes(status: CampaignStatus) -> bool:
+    return status is not CampaignStatus.REJECTED and not status.ended

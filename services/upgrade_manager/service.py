@@ -19,6 +19,7 @@ from escalator.settings import KafkaSettings
 from schemas.codec import InvalidEvent
 from schemas.envelope import utcnow
 from schemas.topics import TopicSpec
+from services.upgrade_manager.claims import CLAIMS_SPEC, ClaimsView
 from services.upgrade_manager.cloud_view import CloudView
 from services.upgrade_manager.heartbeats import HeartbeatView
 from services.upgrade_manager.processor import CampaignProcessor, Clock, Metrics
@@ -70,7 +71,7 @@ class UpgradeManagerService:
         started = time.monotonic()
         kafka = self.kafka
         await ensure_topics(kafka)
-        await ensure_topics(kafka, (STATE_SPEC,), dead_letters=False)
+        await ensure_topics(kafka, (STATE_SPEC, CLAIMS_SPEC), dead_letters=False)
         producer = self._producer_factory(kafka)
         await producer.start()
         processor: CampaignProcessor | None = None
@@ -85,8 +86,10 @@ class UpgradeManagerService:
         cloud = (
             CloudView(kafka, on_invalid=dead_letter_view_record) if self.settings.planner else None
         )
+        claims = ClaimsView(kafka)
         try:
             await heartbeats.start()
+            await claims.start()
             if cloud is not None:
                 await cloud.start()
             processor = CampaignProcessor(
@@ -96,6 +99,7 @@ class UpgradeManagerService:
                 publisher=EventPublisher(producer, kafka),
                 heartbeats=heartbeats,
                 cloud=cloud,
+                claims=claims,
                 clock=self._clock,
                 metrics=Metrics(self._registry),
             )
@@ -114,6 +118,7 @@ class UpgradeManagerService:
             if processor is not None:
                 log.info("latency: %s", processor.latencies.summary())
             await heartbeats.stop()
+            await claims.stop()
             if cloud is not None:
                 await cloud.stop()
             await producer.stop()

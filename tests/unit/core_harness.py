@@ -120,6 +120,7 @@ class Driver:
     ) -> None:
         self.cloud = cloud
         self.rules = rules or {}
+        self.claims: dict[str, str] = {}
         self.now = T0
         self.nodes = tuple(nodes)
         self.versions = {n: OLD for n in self.nodes} | (versions or {})
@@ -138,6 +139,7 @@ class Driver:
             cloud=self.cloud,
             rules=self.rules,
             max_recovery_s=max((r.min_recovery_s for r in self.rules.values()), default=0.0),
+            claims=self.claims,
         )
 
     def feed(self, event: Input) -> list[Event]:

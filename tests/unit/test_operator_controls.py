@@ -214,3 +214,16 @@ def test_retry_after_an_operator_abort_is_rejected() -> None:
     d.feed(abort())
     rejected = d.one(OperatorRequestRejected, events=d.feed(retry("n2")))
     assert "aborted" in rejected.reason
+
+
+def test_a_second_campaign_on_a_claimed_node_is_rejected_with_the_holder() -> None:
+    from schemas.events import CampaignRejected, CampaignStarted
+
+    d = Driver(["n1", "n2", "n3"])
+    d.claims = {"n2": "cmp-other", "n3": "cmp-other"}
+    rejected = d.one(CampaignRejected, events=d.start(["n1", "n2", "n3"]))
+    assert "n2, n3 by running campaign cmp-other" in rejected.reason
+    assert not of_type(d.emitted, NodeMaintenanceRequested)
+    fresh = Driver(["n1"])
+    fresh.claims = {"n1": CAMPAIGN}  # its own claim, e.g. re-read after a restart
+    fresh.one(CampaignStarted, events=fresh.start(["n1"]))

@@ -156,6 +156,8 @@ def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) ->
     if campaign_id is None:
         return Decision(None)  # the schema allows it, but there is no campaign to start
     nodes, problem = campaign_nodes(request, ctx)
+    if not problem:
+        problem = claimed_elsewhere(campaign_id, nodes, ctx)
     if not problem and ctx.cloud is not None:
         nodes = tuple(priority_order(ctx.cloud, ctx.rules, nodes))
     plan = CampaignPlan(
@@ -205,6 +207,22 @@ def campaign_nodes(request: UpgradeRequested, ctx: Context) -> tuple[tuple[str, 
     if unknown:
         return (), f"unknown nodes (no node agent has ever reported): {listing(unknown)}"
     return request.nodes, ""
+
+
+def claimed_elsewhere(campaign_id: str, nodes: tuple[str, ...], ctx: Context) -> str:
+    """Why the nodes cannot be this campaign's: another running campaign holds some of them."""
+    held: dict[str, list[str]] = {}
+    for node_id in nodes:
+        holder = ctx.claims.get(node_id)
+        if holder is not None and holder != campaign_id:
+            held.setdefault(holder, []).append(node_id)
+    if not held:
+        return ""
+    parts = "; ".join(
+        f"{listing(sorted(ids))} by running campaign {holder}"
+        for holder, ids in sorted(held.items())
+    )
+    return f"nodes already claimed: {parts}; wait for it to end, or abort it"
 
 
 def request_fingerprint(request: UpgradeRequested) -> str:

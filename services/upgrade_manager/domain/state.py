@@ -258,6 +258,8 @@ class Context:
     rules: Mapping[str, VnfRule] = field(default_factory=dict)
     # The longest min_recovery_s of any VNF: how long a release is remembered.
     max_recovery_s: float = 0.0
+    # Node -> the running campaign that holds it (every instance's campaigns).
+    claims: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
