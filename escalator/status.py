@@ -16,10 +16,13 @@ from schemas.envelope import Event
 from schemas.events import (
     CampaignCompleted,
     CampaignFailed,
+    CampaignPaused,
     CampaignRejected,
+    CampaignResumed,
     CampaignStarted,
     NodeCycleAdvanced,
     NodeStep,
+    OperatorRequestRejected,
     UpgradeRequested,
 )
 
@@ -60,6 +63,8 @@ class CampaignView:
     reason: str = ""
     nodes: dict[str, NodeView] = field(default_factory=dict)
     rejected_requests: list[str] = field(default_factory=list)
+    # Operator controls (pause, resume, abort, retry) that could not apply, with the reason.
+    rejected_controls: list[str] = field(default_factory=list)
 
     def count(self, step: NodeStep) -> int:
         return sum(1 for node in self.nodes.values() if node.step is step)
@@ -84,6 +89,7 @@ class CampaignView:
             "started_at": _iso(self.started_at),
             "ended_at": _iso(self.ended_at),
             "reason": self.reason,
+            "rejected_controls": list(self.rejected_controls),
             "nodes": {
                 "total": len(self.nodes),
                 "upgraded": self.count(NodeStep.DONE),
@@ -136,6 +142,15 @@ class CampaignBoard:
             case NodeCycleAdvanced():
                 node = view.nodes.setdefault(event.node_id, NodeView(event.node_id))
                 node.step, node.detail, node.since = event.step, event.detail, event.occurred_at
+                if not event.step.finished and view.state in ("completed", "failed"):
+                    # An operator re-admitted a node: the campaign runs again.
+                    view.state, view.ended_at, view.reason = "running", None, ""
+            case CampaignPaused():
+                view.state, view.reason = "paused", event.reason
+            case CampaignResumed():
+                view.state, view.reason = "running", ""
+            case OperatorRequestRejected():
+                view.rejected_controls.append(f"{event.request_type}: {event.reason}")
             case CampaignCompleted():
                 view.state, view.ended_at = "completed", event.occurred_at
             case CampaignFailed():

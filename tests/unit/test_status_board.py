@@ -58,3 +58,29 @@ def test_a_refused_reuse_of_a_running_campaign_id_does_not_mark_it_rejected() ->
     assert board.view("cmp-1").rejected_requests == ["campaign id already used"]
     board.apply(CampaignRejected(campaign_id="cmp-2", reason="unknown nodes: x"))
     assert board.view("cmp-2").state == "rejected"
+
+
+def test_board_shows_pause_resume_rejected_controls_and_a_reopened_campaign() -> None:
+    from schemas.events import CampaignPaused, CampaignResumed, OperatorRequestRejected
+
+    board = CampaignBoard()
+    board.apply(CampaignStarted(campaign_id="cmp-2", target_version="2.0", nodes=("n1",)))
+    board.apply(CampaignPaused(campaign_id="cmp-2", reason="peak hour"))
+    view = board.view("cmp-2")
+    assert (view.state, view.reason) == ("paused", "peak hour")
+    board.apply(CampaignResumed(campaign_id="cmp-2"))
+    assert (view.state, view.reason) == ("running", "")
+    board.apply(
+        OperatorRequestRejected(
+            campaign_id="cmp-2", request_type="NodeRetryRequested", reason="n1 is done"
+        )
+    )
+    assert view.to_json()["rejected_controls"] == ["NodeRetryRequested: n1 is done"]
+    board.apply(CampaignCompleted(campaign_id="cmp-2", upgraded=0, skipped=0, failed=1))
+    assert view.finished
+    board.apply(
+        NodeCycleAdvanced(
+            campaign_id="cmp-2", node_id="n1", step=NodeStep.PENDING, detail="re-admitted"
+        )
+    )
+    assert view.state == "running" and view.ended_at is None
