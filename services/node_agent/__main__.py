@@ -93,12 +93,12 @@ def _main_pool(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Any) -> None:
-    from escalator.bus import EventPublisher, make_consumer, make_producer
+    from escalator.bus import make_consumer, make_producer
     from escalator.settings import KafkaSettings
     from escalator.world.client import WorldClient
     from schemas.envelope import utcnow
     from services.node_agent.executors import SimulatedExecutor
-    from services.node_agent.service import bootstrap
+    from services.node_agent.service import NodePublisher, bootstrap
 
     kafka = KafkaSettings()
     producer = make_producer(kafka)
@@ -117,7 +117,7 @@ async def _serve(settings: Any) -> None:
                     timeout_s=settings.apply_timeout_s,
                 ),
                 consumer=consumer,
-                publisher=EventPublisher(producer, kafka),
+                publisher=NodePublisher(producer, kafka),
                 clock=utcnow,
             )
             loop = asyncio.get_running_loop()

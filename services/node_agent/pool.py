@@ -52,11 +52,11 @@ from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.commit import OffsetCommitRequest, OffsetFetchRequest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from escalator.bus import EventPublisher, partition_for_key
+from escalator.bus import partition_for_key
 from escalator.bus.connection import client_kwargs
 from escalator.settings import KafkaSettings
 from schemas.topics import NODE_COMMANDS
-from services.node_agent.service import Clock, NodeAgentService, bootstrap
+from services.node_agent.service import Clock, NodeAgentService, NodePublisher, bootstrap
 from services.node_agent.settings import NodeAgentSettings
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ class AgentPool:
         *,
         consumer: Any,
         offsets: GroupOffsets,
-        publisher: EventPublisher,
+        publisher: NodePublisher,
         executor_for: Any,
         clock: Clock,
     ) -> None:
@@ -496,7 +496,7 @@ async def serve_pool(members: Sequence[NodeAgentSettings]) -> None:
                 members,
                 consumer=consumer,
                 offsets=offsets,
-                publisher=EventPublisher(producer, kafka),
+                publisher=NodePublisher(producer, kafka),
                 executor_for=executor_for,
                 clock=utcnow,
             )

@@ -7,6 +7,11 @@ published: the job runs as a background task, and `CommitGate` holds the commit 
 agent killed mid-upgrade therefore re-reads the request on restart, and the core answers it by
 the same rules: the executor waits for the reboot still under way, or the node already runs
 the target and the answer is `NodeUpgraded(applied=False)`.
+
+Progress (`NodeUpgradeProgressed`) is best effort and must not hold the upgrade up: with a
+`NodePublisher` it is handed to the producer without waiting for the broker's ack (a failed send
+is logged). Records of one producer to one partition keep their order, so the final result,
+which is published durably (waiting for its ack), still comes after the progress before it.
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ from escalator.bus import (
 )
 from escalator.bus.consumer import is_transient_error
 from escalator.bus.offsets import CommitGate, PollingConsumer
+from escalator.bus.publisher import ProducerPort, event_headers
+from escalator.settings import KafkaSettings
+from schemas.codec import encode
+from schemas.envelope import Event
 from schemas.events import NodeAgentHeartbeat, NodeUpgradeRequested
-from schemas.topics import NODE_COMMANDS, NODE_EVENTS, NODE_HEARTBEATS
+from schemas.topics import NODE_COMMANDS, NODE_EVENTS, NODE_HEARTBEATS, TopicSpec
 from services.node_agent.domain import (
     AgentContext,
     AgentState,
@@ -56,6 +65,28 @@ Clock = Callable[[], datetime]
 APPLY_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.2
 RETRY_BACKOFF_MAX_S = 5.0
+
+
+class NodePublisher(EventPublisher):
+    """An `EventPublisher` that can also hand an event to the producer without waiting for
+    the broker's acknowledgement (for best-effort progress)."""
+
+    def __init__(self, producer: ProducerPort, settings: KafkaSettings) -> None:
+        super().__init__(producer, settings)
+        self._sender = producer
+
+    async def publish_nowait(self, event: Event, spec: TopicSpec) -> asyncio.Future[Any]:
+        """Queue `event` on `spec`'s topic after everything queued before it; returns the
+        future of its acknowledgement. Raises ValueError like `publish`."""
+        if not spec.carries(event.event_type):
+            raise ValueError(f"topic {spec.name} does not carry {event.event_type}")
+        future: asyncio.Future[Any] = await self._sender.send(
+            self.settings.topic(spec.name),
+            value=encode(event),
+            key=spec.key_for(event),
+            headers=event_headers(event),
+        )
+        return future
 
 
 class AgentConsumer(PollingConsumer, Protocol):
@@ -259,6 +290,14 @@ class NodeAgentService:
             self._adopt(state)
 
     async def _publish(self, event: Any, *, durable: bool) -> None:
+        if not durable and isinstance(self._publisher, NodePublisher):
+            try:
+                ack = await self._publisher.publish_nowait(event, NODE_EVENTS)
+            except Exception as exc:
+                log.warning("%s not published: %r", event.event_type, exc)
+                return
+            ack.add_done_callback(lambda done: _log_lost(event, done))
+            return
         delay = RETRY_BACKOFF_S
         while True:
             try:
@@ -273,6 +312,13 @@ class NodeAgentService:
                 log.warning("%s not published yet: %r; retrying", event.event_type, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX_S)
+
+
+def _log_lost(event: Any, ack: asyncio.Future[Any]) -> None:
+    if ack.cancelled():
+        log.warning("%s not published: cancelled", event.event_type)
+    elif ack.exception() is not None:
+        log.warning("%s not published: %r", event.event_type, ack.exception())
 
 
 def bootstrap(
@@ -290,4 +336,4 @@ def bootstrap(
     )
 
 
-__all__ = ["AgentConsumer", "NodeAgentService", "bootstrap"]
+__all__ = ["AgentConsumer", "NodeAgentService", "NodePublisher", "bootstrap"]
