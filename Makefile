@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test test-tansu unit lint typecheck demo broker clean fmt
+.PHONY: venv test test-tansu unit lint typecheck demo broker clean fmt bench
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ broker: venv
 
 demo: venv
 	$(BIN)/escalator demo
+
+# Benchmarks, not tests: a markdown table on stdout, JSON in bench/results/latest.json.
+# `make bench BENCH_ARGS="--sections overhead --quick"` passes flags to `python -m bench`.
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .hypothesis

@@ -1,0 +1,867 @@
+"""Control-plane overhead: how much a node cycle costs beyond the broker's own hops.
+
+With zero-duration simulated steps (no migration, reboot or resync time, a reference VNFM that
+answers at once), a sequential campaign (max_parallel 1) over N nodes measures nothing but the
+control plane: every millisecond of a node's cycle is spent in Kafka or in Escalator's services.
+In the same run, a bare aiokafka ping-pong between two processes measures the broker's own hop;
+the cycle's sequential hop count times that hop is the floor no control plane can beat.
+
+What is measured (all times from the events themselves, read back from every topic):
+
+* **cycle_ms** per node: from the Upgrade Manager's first command of the node's cycle
+  (`NodeMaintenanceRequested`) to its `NodeAvailable` (the decision that ends the cycle, the
+  same decision that starts the next node). Both are `occurred_at` stamps of the Upgrade
+  Manager, so the cycles tile the campaign.
+* **hops_per_cycle**: the longest causation path inside the node's cycle (every event's
+  `causation_id` names the event that caused it), counting the edges whose cause and effect
+  were produced by different services: each is one crossing of the broker. See `hop_depths`.
+* **pingpong**: one hop = half a round trip of a 300-byte record bounced between two processes
+  with the services' own client settings (`make_producer`: acks=all, idempotence, linger_ms;
+  `make_consumer`: fetch_max_wait_ms), each side waiting for its send's ack like
+  `EventPublisher.publish`.
+* **ratio_to_floor** = cycle_ms_p50 / (hops_per_cycle x pingpong hop ms).
+
+The analysis functions are pure (events in, numbers out) and unit-tested
+(tests/unit/test_bench_overhead.py); `run(ctx)` drives the processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bench.common import BenchContext, Row, percentile, rounded
+
+# --- sizes -------------------------------------------------------------------------------------
+
+FULL_NODES = 1000
+QUICK_NODES = 50
+AGENTS_PER_POOL = 250
+MAX_POOLS = 4
+PINGPONG_ROUNDS = 500
+QUICK_PINGPONG_ROUNDS = 100
+PINGPONG_WARMUP = 20
+PINGPONG_PAYLOAD = 300
+TARGET_RATIO = 1.5
+VNFM_TIMEOUT_S = 60.0
+UM_READY = r"ready \(rebalance \d+"
+
+# Producer service of each catalogue topic (CAMPAIGNS also carries the operator's request).
+END_OF_CYCLE = "NodeAvailable"
+START_OF_CYCLE = "NodeMaintenanceRequested"
+CAMPAIGN_LEVEL = frozenset(
+    {
+        "UpgradeRequested",
+        "CampaignStarted",
+        "CampaignRejected",
+        "CampaignCompleted",
+        "CampaignFailed",
+    }
+)
+
+
+# --- the events, as read back ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One event of the campaign as read back: who produced it, when, on which topic."""
+
+    event_id: str
+    event_type: str
+    causation_id: str | None
+    producer: str
+    node_id: str | None
+    occurred_at: float  # seconds since the epoch (the producing service's clock)
+    record_ts: float  # the Kafka record's timestamp (CreateTime, ms resolution), in seconds
+    topic: str = ""
+    detail: str = ""  # NodeCycleAdvanced: its step
+
+    @property
+    def service(self) -> str:
+        return service_of(self.producer)
+
+
+def service_of(producer: str) -> str:
+    """ "upgrade-manager/0" -> "upgrade-manager"; "node-agent/node-7@host:12" -> "node-agent"."""
+    return producer.split("@", 1)[0].split("/", 1)[0]
+
+
+def observed_from(event: Any, topic: str, record_ts_ms: int) -> Observed:
+    occurred: datetime = event.occurred_at
+    node = getattr(event, "node_id", None)
+    step = getattr(event, "step", None)
+    return Observed(
+        event_id=str(event.event_id),
+        event_type=event.event_type,
+        causation_id=str(event.causation_id) if event.causation_id is not None else None,
+        producer=event.producer,
+        node_id=node if isinstance(node, str) else None,
+        occurred_at=occurred.timestamp(),
+        record_ts=record_ts_ms / 1000,
+        topic=topic,
+        detail=str(getattr(step, "value", step)) if step is not None else "",
+    )
+
+
+# --- analysis (pure) ---------------------------------------------------------------------------
+
+
+@dataclass
+class Cycle:
+    node_id: str
+    start: Observed
+    end: Observed
+    events: list[Observed]
+    hops: int
+    hops_with_joins: int
+    path: list[Observed] = field(default_factory=list)  # the critical chain, start -> end
+
+    @property
+    def ms(self) -> float:
+        return (self.end.occurred_at - self.start.occurred_at) * 1000
+
+
+def index_events(events: Iterable[Observed]) -> dict[str, Observed]:
+    """By event id, the first copy of each (a re-sent command is the same event)."""
+    by_id: dict[str, Observed] = {}
+    for e in events:
+        by_id.setdefault(e.event_id, e)
+    return by_id
+
+
+def node_of(e: Observed, by_id: Mapping[str, Observed]) -> str | None:
+    """The node an event is about: its own `node_id`, else its cause's."""
+    seen: set[str] = set()
+    while e.node_id is None and e.causation_id is not None and e.causation_id in by_id:
+        if e.event_id in seen:
+            return None
+        seen.add(e.event_id)
+        e = by_id[e.causation_id]
+    return e.node_id
+
+
+def cycle_bounds(events: Iterable[Observed]) -> dict[str, tuple[Observed, Observed]]:
+    """Per node: the Upgrade Manager's first command of its cycle and the end of the cycle
+    (the manager's `NodeAvailable`, else its last `NodeCycleAdvanced`)."""
+    starts: dict[str, Observed] = {}
+    ends: dict[str, Observed] = {}
+    finals: dict[str, Observed] = {}
+    for e in events:
+        if e.node_id is None or e.service != "upgrade-manager":
+            continue
+        if e.event_type == START_OF_CYCLE:
+            if e.node_id not in starts or e.occurred_at < starts[e.node_id].occurred_at:
+                starts[e.node_id] = e
+        elif e.event_type == END_OF_CYCLE:
+            if e.node_id not in ends or e.occurred_at > ends[e.node_id].occurred_at:
+                ends[e.node_id] = e
+        elif e.event_type == "NodeCycleAdvanced" and e.detail in ("done", "skipped", "failed"):
+            if e.node_id not in finals or e.occurred_at > finals[e.node_id].occurred_at:
+                finals[e.node_id] = e
+    bounds = {}
+    for node, start in starts.items():
+        end = ends.get(node) or finals.get(node)
+        if end is not None and end.occurred_at >= start.occurred_at:
+            bounds[node] = (start, end)
+    return bounds
+
+
+def events_by_node(by_id: Mapping[str, Observed]) -> dict[str, list[Observed]]:
+    """Every node-level event, by the node it is about (campaign-level events left out)."""
+    nodes: dict[str, list[Observed]] = defaultdict(list)
+    for e in by_id.values():
+        if e.event_type in CAMPAIGN_LEVEL:
+            continue
+        node = node_of(e, by_id)
+        if node is not None:
+            nodes[node].append(e)
+    return nodes
+
+
+def cycle_events(start: Observed, end: Observed, events: Iterable[Observed]) -> list[Observed]:
+    """The node's events (`events`) between the cycle's start and end, in time order."""
+    return sorted(
+        (e for e in events if start.occurred_at <= e.occurred_at <= end.occurred_at),
+        key=lambda e: (e.occurred_at, e.record_ts),
+    )
+
+
+def hop_depths(
+    events: Sequence[Observed],
+    consumers: Mapping[str, frozenset[str]] | None = None,
+) -> tuple[dict[str, int], dict[str, Observed | None]]:
+    """Sequential broker hops from the cycle's roots to each of its events.
+
+    An edge cause -> effect counts one hop when the two were produced by different services;
+    an event whose cause is not in `events` is a root (depth 0). The result is the longest
+    causation path to each event (`depth`) and the predecessor on it (`via`).
+
+    With `consumers` (topic -> the services that read it), an effect also waits for *joins*:
+    events it cannot be told apart from having waited for, namely events on a topic its own
+    service consumes, produced by another service before the effect was decided, that descend
+    from the effect's own cause. That is how a collecting answer (the VNFM adapter's
+    `BusinessMoved`, which cites the request it answers, not the VNFM replies it collected)
+    still counts the replies' hops.
+    """
+    in_cycle = {e.event_id: e for e in events}
+    depth: dict[str, int] = {}
+    via: dict[str, Observed | None] = {}
+
+    def ancestors(e: Observed) -> list[str]:
+        chain = []
+        while e.causation_id is not None and e.causation_id in in_cycle:
+            chain.append(e.causation_id)
+            e = in_cycle[e.causation_id]
+            if len(chain) > len(in_cycle):
+                break
+        return chain
+
+    lineage = {e.event_id: ancestors(e) for e in events}
+
+    def solve(e: Observed, guard: int = 0) -> int:
+        if e.event_id in depth:
+            return depth[e.event_id]
+        if guard > len(in_cycle):
+            return 0
+        best, best_via = 0, None
+        cause = in_cycle.get(e.causation_id) if e.causation_id is not None else None
+        if cause is not None:
+            best = solve(cause, guard + 1) + (1 if cause.service != e.service else 0)
+            best_via = cause
+            if consumers is not None:
+                for x in events:
+                    if (
+                        x.event_id != e.event_id
+                        and x.service != e.service
+                        and e.service in consumers.get(x.topic, frozenset())
+                        and x.record_ts <= e.occurred_at
+                        and cause.event_id in lineage[x.event_id]
+                        and e.event_id not in lineage[x.event_id]
+                    ):
+                        candidate = solve(x, guard + 1) + 1
+                        # Equal paths: the latest one is what the effect waited for.
+                        if candidate > best or (
+                            candidate == best
+                            and best_via is not None
+                            and x.record_ts > best_via.record_ts
+                        ):
+                            best, best_via = candidate, x
+        depth[e.event_id] = best
+        via[e.event_id] = best_via
+        return best
+
+    for e in events:
+        solve(e)
+    return depth, via
+
+
+def critical_path(end: Observed, via: Mapping[str, Observed | None]) -> list[Observed]:
+    path = [end]
+    seen = {end.event_id}
+    while (prev := via.get(path[-1].event_id)) is not None and prev.event_id not in seen:
+        path.append(prev)
+        seen.add(prev.event_id)
+    return list(reversed(path))
+
+
+def analyse_cycles(
+    events: Iterable[Observed], consumers: Mapping[str, frozenset[str]] | None = None
+) -> list[Cycle]:
+    by_id = index_events(events)
+    per_node = events_by_node(by_id)
+    cycles = []
+    for node_id, (start, end) in sorted(cycle_bounds(by_id.values()).items()):
+        mine = cycle_events(start, end, per_node.get(node_id, []))
+        depth, _ = hop_depths(mine)
+        joined, via = hop_depths(mine, consumers) if consumers is not None else (depth, {})
+        cycles.append(
+            Cycle(
+                node_id=node_id,
+                start=start,
+                end=end,
+                events=mine,
+                hops=max(depth.values(), default=0),
+                hops_with_joins=max(joined.values(), default=0),
+                path=critical_path(end, via) if via else [],
+            )
+        )
+    return sorted(cycles, key=lambda c: c.start.occurred_at)
+
+
+def hop_breakdown(cycles: Sequence[Cycle]) -> list[dict[str, Any]]:
+    """Per kind of hop on the critical paths: how long from the cause's record to the effect's
+    decision (`wait_ms`: the broker, the consumer's fetch and queueing, decoding) and from the
+    effect's decision to its record (`work_ms`: the service's own work before sending)."""
+    waits: dict[str, list[float]] = defaultdict(list)
+    works: dict[str, list[float]] = defaultdict(list)
+    position: dict[str, int] = {}
+    for cycle in cycles:
+        for i, (cause, effect) in enumerate(itertools.pairwise(cycle.path)):
+            if cause.service == effect.service:
+                continue
+            label = f"{cause.event_type} -> {effect.event_type} ({effect.service})"
+            position.setdefault(label, i)
+            waits[label].append((effect.occurred_at - cause.record_ts) * 1000)
+            works[label].append((effect.record_ts - effect.occurred_at) * 1000)
+    return [
+        {
+            "hop": label,
+            "count": len(waits[label]),
+            "wait_ms_p50": rounded(percentile(waits[label], 50)),
+            "wait_ms_p99": rounded(percentile(waits[label], 99)),
+            "work_ms_p50": rounded(percentile(works[label], 50)),
+        }
+        for label in sorted(waits, key=lambda k: position[k])
+    ]
+
+
+def summarize(
+    cycles: Sequence[Cycle],
+    hop_ms: float,
+    *,
+    events: int,
+    wall_s: float,
+) -> dict[str, Any]:
+    """The section's headline numbers from the cycles and the ping-pong hop."""
+    if not cycles:
+        raise ValueError("no complete node cycle in the campaign's events")
+    ms = [c.ms for c in cycles]
+    hops = [c.hops for c in cycles]
+    joined = [c.hops_with_joins for c in cycles]
+    hops_p50 = statistics.median(hops)
+    joined_p50 = statistics.median(joined)
+    cycle_p50 = percentile(ms, 50)
+    per_node_ratio = [c.ms / (c.hops * hop_ms) for c in cycles if c.hops > 0 and hop_ms > 0]
+    return {
+        "cycles": len(cycles),
+        "cycle_ms_p50": rounded(cycle_p50),
+        "cycle_ms_p99": rounded(percentile(ms, 99)),
+        "cycle_ms_mean": rounded(statistics.fmean(ms)),
+        "cycle_ms_max": rounded(max(ms)),
+        "hops_per_cycle": hops_p50,
+        "hops_constant": len(set(hops)) == 1,
+        "hops_histogram": {str(k): v for k, v in sorted(Counter(hops).items())},
+        "hops_per_cycle_with_joins": joined_p50,
+        "hops_with_joins_histogram": {str(k): v for k, v in sorted(Counter(joined).items())},
+        "floor_ms": rounded(hops_p50 * hop_ms),
+        # For the makespan section: with zero-duration steps a whole cycle is control plane.
+        "overhead_per_cycle_s": rounded(cycle_p50 / 1000, 4),
+        "ratio_to_floor": rounded(cycle_p50 / (hops_p50 * hop_ms), 2) if hops_p50 else None,
+        "ratio_to_floor_per_node_p50": (
+            rounded(percentile(per_node_ratio, 50), 2) if per_node_ratio else None
+        ),
+        "ratio_to_floor_with_joins": (
+            rounded(cycle_p50 / (joined_p50 * hop_ms), 2) if joined_p50 else None
+        ),
+        "events": events,
+        "campaign_wall_s": rounded(wall_s, 1),
+        "events_per_s": rounded(events / wall_s, 1) if wall_s > 0 else None,
+    }
+
+
+def pingpong_stats(round_trips_s: Sequence[float]) -> dict[str, Any]:
+    """One hop = half a round trip (the floor counts one-way hops)."""
+    rt_ms = [r * 1000 for r in round_trips_s]
+    return {
+        "rounds": len(rt_ms),
+        "pingpong_rtt_ms_p50": rounded(percentile(rt_ms, 50), 3),
+        "pingpong_rtt_ms_p99": rounded(percentile(rt_ms, 99), 3),
+        "pingpong_ms_p50": rounded(percentile(rt_ms, 50) / 2, 3),
+        "pingpong_ms_p99": rounded(percentile(rt_ms, 99) / 2, 3),
+    }
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def rows(result: dict[str, Any]) -> list[Row]:
+    o = result
+    ratio = o.get("ratio_to_floor")
+    joined = o.get("ratio_to_floor_with_joins")
+    target = f"<= {TARGET_RATIO}x floor"
+    hops = o.get("hops_per_cycle")
+    hops_note = "" if o.get("hops_constant") else f" (varies: {o.get('hops_histogram')})"
+    return [
+        Row("overhead: nodes (sequential campaign)", f"{o.get('nodes')} ({o.get('state')})"),
+        Row("overhead: cycle ms p50", f"{o.get('cycle_ms_p50')}"),
+        Row("overhead: cycle ms p99", f"{o.get('cycle_ms_p99')}"),
+        Row("overhead: hops per cycle (causation)", f"{hops}{hops_note}"),
+        Row(
+            "overhead: hops per cycle (causation + joins)",
+            f"{o.get('hops_per_cycle_with_joins')}",
+        ),
+        Row("overhead: ping-pong one hop ms p50", f"{o.get('pingpong_ms_p50')}"),
+        Row("overhead: floor ms (hops x hop)", f"{o.get('floor_ms')}"),
+        Row(
+            "overhead: cycle p50 / floor",
+            f"{ratio}" if ratio is not None else "n/a",
+            target,
+            None if ratio is None else ratio <= TARGET_RATIO,
+        ),
+        Row(
+            "overhead: cycle p50 / floor (with joins)",
+            f"{joined}" if joined is not None else "n/a",
+            target,
+            None if joined is None else joined <= TARGET_RATIO,
+        ),
+        Row("overhead: events per second", f"{o.get('events_per_s')}"),
+        Row("overhead: campaign wall time s", f"{o.get('campaign_wall_s')}"),
+    ]
+
+
+# --- driving the processes ---------------------------------------------------------------------
+
+
+def _pools(node_ids: Sequence[str], quick: bool) -> list[list[str]]:
+    count = 1 if quick else max(1, min(MAX_POOLS, math.ceil(len(node_ids) / AGENTS_PER_POOL)))
+    return [list(node_ids[i::count]) for i in range(count)]
+
+
+def world_timing_args() -> tuple[list[str], str]:
+    """Zero-duration steps: the world's timing flags where it has them, else a huge speed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "escalator.world", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    if all(flag in out for flag in ("--migration-s", "--reboot-s", "--resync-s")):
+        return (
+            ["--migration-s", "0", "--reboot-s", "0", "--resync-s", "0"],
+            "zero durations (--migration-s 0 --reboot-s 0 --resync-s 0)",
+        )
+    return ["--speed", "10000"], "durations divided by --speed 10000"
+
+
+def _deployment_class() -> Any:
+    from escalator.demo import Deployment
+    from escalator.processes import python_module
+
+    class BenchDeployment(Deployment):  # type: ignore[misc]
+        """The demo's deployment with a zero-duration world and node agents in pools."""
+
+        world_args: list[str]
+        pools: list[list[str]]
+
+        def start_world(self) -> str:
+            o = self.options
+            match = self.group.spawn(
+                "world",
+                python_module(
+                    "escalator.world",
+                    "--port",
+                    "0",
+                    "--nodes",
+                    str(o.nodes),
+                    "--seed",
+                    str(o.seed),
+                    *self.world_args,
+                ),
+                wait_for=r"world listening on (http://\S+)",
+                timeout_s=600,
+            )
+            self.world_url = match.group(1)  # type: ignore[union-attr]
+            return self.world_url
+
+        def start_services(self) -> None:
+            w = self.world_url
+            spawn = self.group.spawn
+            spawn("upgrade-manager", python_module("services.upgrade_manager"))
+            spawn("cloud-manager", python_module("services.cloud_manager", "--world", w))
+            spawn("vnfm-adapter", python_module("services.vnfm_adapter"))
+            for vnfm_id in self.vnfm_ids:
+                spawn(
+                    f"reference-vnfm-{vnfm_id}",
+                    python_module(
+                        "services.vnfm_adapter.reference_vnfm",
+                        *("--world", w, "--vnfm-id", vnfm_id, "--work-s", "0"),
+                    ),
+                )
+            self.pools = _pools(self.node_ids, quick=len(self.node_ids) <= QUICK_NODES)
+            for i, members in enumerate(self.pools):
+                listing = self.options.run_dir / f"pool-{i}.nodes"
+                listing.write_text("\n".join(members) + "\n")
+                spawn(
+                    f"node-agents-{i}",
+                    python_module(
+                        "services.node_agent", "--node-ids-file", str(listing), "--world", w
+                    ),
+                )
+
+    return BenchDeployment
+
+
+async def _wait_log(deployment: Any, name: str, pattern: str, timeout_s: float) -> None:
+    regex = re.compile(pattern)
+    path = deployment.group.children[name].log_path
+    give_up = time.monotonic() + timeout_s
+    while True:
+        deployment.check_alive()
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        if regex.search(text):
+            return
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"{name} never logged /{pattern}/ within {timeout_s}s")
+        await asyncio.sleep(0.2)
+
+
+async def follow_campaign(
+    settings: Any, campaign_id: str, deployment: Any, total: int, timeout_s: float, log: Any
+) -> str:
+    """Wait for the campaign's end on the campaigns topic; its final event type."""
+    from escalator.bus.readback import scan
+    from schemas.codec import decode
+    from schemas.envelope import Event
+    from schemas.topics import CAMPAIGNS
+
+    key = campaign_id.encode()
+    finished: set[str] = set()
+    outcome: list[str] = []
+
+    async def follow() -> None:
+        async for record in scan(settings, CAMPAIGNS, follow=True):
+            if record.key != key:
+                continue
+            event = decode(record.value)
+            if not isinstance(event, Event):
+                continue
+            if event.event_type == "NodeCycleAdvanced":
+                step = getattr(event, "step", None)
+                if str(getattr(step, "value", step)) in ("done", "skipped", "failed"):
+                    finished.add(getattr(event, "node_id", ""))
+            elif event.event_type in ("CampaignCompleted", "CampaignFailed", "CampaignRejected"):
+                outcome.append(event.event_type)
+                return
+
+    task = asyncio.create_task(follow())
+    give_up = time.monotonic() + timeout_s
+    last_report = time.monotonic()
+    try:
+        while not task.done():
+            deployment.check_alive()
+            if time.monotonic() > give_up:
+                raise TimeoutError(
+                    f"campaign {campaign_id} not finished after {timeout_s:.0f}s "
+                    f"({len(finished)}/{total} nodes)"
+                )
+            if time.monotonic() - last_report > 15:
+                log(f"overhead: {len(finished)}/{total} nodes finished")
+                last_report = time.monotonic()
+            await asyncio.wait({task}, timeout=1.0)
+        task.result()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return outcome[0] if outcome else "unknown"
+
+
+async def read_campaign(settings: Any, campaign_id: str) -> tuple[list[Observed], int, int]:
+    """Every event of the campaign on every catalogue topic (records whose bytes do not name
+    the campaign are skipped undecoded); also the number of records scanned and of dead
+    letters."""
+    from escalator.bus.readback import scan
+    from schemas.codec import decode
+    from schemas.envelope import Event
+    from schemas.topics import ALL_TOPICS, DEAD_LETTERS_TOPIC
+
+    needle = campaign_id.encode()
+    found: list[Observed] = []
+    scanned = 0
+    for spec in ALL_TOPICS:
+        name = settings.topic(spec.name)
+        async for record in scan(settings, spec, timeout_s=600):
+            scanned += 1
+            if record.value is None or needle not in record.value:
+                continue
+            event = decode(record.value)
+            if isinstance(event, Event) and event.campaign_id == campaign_id:
+                found.append(observed_from(event, name, record.timestamp))
+    dead = 0
+    async for _record in scan(settings, settings.topic(DEAD_LETTERS_TOPIC), timeout_s=120):
+        dead += 1
+    return found, scanned, dead
+
+
+def topic_consumers(settings: Any) -> dict[str, frozenset[str]]:
+    """Full topic name -> the services (as `service_of` names them) that consume it."""
+    from schemas.topics import ALL_TOPICS, Service
+
+    names = {
+        Service.UPGRADE_MANAGER: "upgrade-manager",
+        Service.CLOUD_MANAGER: "cloud-manager",
+        Service.VNFM_ADAPTER: "vnfm-adapter",
+        Service.NODE_AGENT: "node-agent",
+        Service.OPERATOR_CLI: "operator-cli",
+        Service.VNFM: "reference-vnfm",
+    }
+    return {
+        settings.topic(spec.name): frozenset(names.get(s, str(s)) for s in spec.consumers)
+        for spec in ALL_TOPICS
+    }
+
+
+# --- ping-pong ---------------------------------------------------------------------------------
+
+
+async def _create_topics(settings: Any, names: Sequence[str]) -> None:
+    from aiokafka.admin import NewTopic
+
+    from escalator.bus.connection import make_admin
+
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(name=n, num_partitions=1, replication_factor=1) for n in names]
+        )
+    finally:
+        await admin.close()
+    await asyncio.sleep(0.5)  # leaders elected
+
+
+async def pong(settings: Any, inbound: str, outbound: str, total: int) -> None:
+    """The far side: send every record it reads straight back (acked, like a service)."""
+    from aiokafka.structs import TopicPartition
+
+    from escalator.bus.connection import make_consumer, make_producer
+
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, None)
+    await producer.start()
+    await consumer.start()
+    try:
+        tp = TopicPartition(inbound, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        print("pong ready", flush=True)
+        answered = 0
+        while answered < total:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    await producer.send_and_wait(outbound, record.value, key=record.key)
+                    answered += 1
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def ping(settings: Any, outbound: str, inbound: str, rounds: int) -> list[float]:
+    """Round trips of `rounds` records (after a warm-up), in seconds."""
+    from aiokafka.structs import TopicPartition
+
+    from escalator.bus.connection import make_consumer, make_producer
+
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, None)
+    await producer.start()
+    await consumer.start()
+    try:
+        tp = TopicPartition(inbound, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        times: list[float] = []
+        filler = b"x" * PINGPONG_PAYLOAD
+        for i in range(PINGPONG_WARMUP + rounds):
+            key = str(i).encode()
+            started = time.perf_counter()
+            await producer.send_and_wait(outbound, filler, key=key)
+            while True:
+                batches = await consumer.getmany(timeout_ms=5000)
+                if not batches:
+                    raise TimeoutError(f"ping-pong: no answer to round {i} within 5 s")
+                if any(r.key == key for recs in batches.values() for r in recs):
+                    break
+            if i >= PINGPONG_WARMUP:
+                times.append(time.perf_counter() - started)
+        return times
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def measure_pingpong(
+    settings: Any, group: Any, rounds: int
+) -> tuple[dict[str, Any], list[float]]:
+    from escalator.processes import python_module
+
+    suffix = uuid.uuid4().hex[:8]
+    there, back = (
+        settings.topic(f"pingpong.ping.{suffix}"),
+        settings.topic(f"pingpong.pong.{suffix}"),
+    )
+    await _create_topics(settings, [there, back])
+    group.spawn(
+        "pong",
+        python_module("bench.overhead", "pong", there, back, str(PINGPONG_WARMUP + rounds)),
+        wait_for=r"pong ready",
+        timeout_s=60,
+    )
+    try:
+        times = await ping(settings, there, back, rounds)
+    finally:
+        # The far side ends by itself after its last answer; it must not count as a dead service.
+        child = group.children.pop("pong")
+        try:
+            await asyncio.to_thread(child.process.wait, 30)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+    return pingpong_stats(times), times
+
+
+# --- the section -------------------------------------------------------------------------------
+
+
+async def _run(ctx: BenchContext) -> dict[str, Any]:
+    from escalator.bus.connection import ensure_topics
+    from escalator.cli import build_upgrade_request, publish_upgrade_request
+    from escalator.demo import (
+        DemoOptions,
+        publish_registry_from_world,
+        wait_for_heartbeats,
+        write_demo_manifest,
+    )
+    from escalator.world.client import WorldClient
+    from schemas.types import VnfmTimeoutPolicy
+
+    nodes = QUICK_NODES if ctx.quick else FULL_NODES
+    nodes = int(os.environ.get("BENCH_OVERHEAD_NODES", nodes))
+    rounds = QUICK_PINGPONG_ROUNDS if ctx.quick else PINGPONG_ROUNDS
+    settings = ctx.kafka_settings("overhead")
+    world_args, world_note = world_timing_args()
+    options = DemoOptions(nodes=nodes, seed=0, max_parallel=1, run_dir=ctx.run_dir)
+    deployment = _deployment_class().create(settings, options)
+    deployment.world_args = world_args
+    result: dict[str, Any] = {
+        "nodes": nodes,
+        "max_parallel": 1,
+        "world": f"generated, --nodes {nodes} --seed 0, default generator parameters",
+        "step_durations": world_note,
+        "reference_vnfm": "--work-s 0",
+        "timestamps": "cycle_ms from occurred_at (the Upgrade Manager's clock at its decisions); "
+        "per-hop wait/work from occurred_at and Kafka record CreateTime",
+        "logs": str(ctx.run_dir / "logs"),
+    }
+    try:
+        ctx.log(f"overhead: starting a world of {nodes} nodes ({world_note})")
+        t0 = time.monotonic()
+        deployment.start_world()
+        result["world_start_s"] = rounded(time.monotonic() - t0, 1)
+        await ensure_topics(settings)
+        async with WorldClient(deployment.world_url) as world:
+            before = await world.snapshot()
+        deployment.node_ids = sorted(n.id for n in before.nodes)
+        _, deployment.vnfm_ids = await publish_registry_from_world(settings, deployment.world_url)
+        result["vms"] = len(before.vms)
+        result["vnfs"] = len(before.vnfs)
+        result["vnfms"] = len(deployment.vnfm_ids)
+        deployment.start_services()
+        result["agent_pools"] = [len(p) for p in deployment.pools]
+        ctx.log(
+            f"overhead: services started ({len(deployment.pools)} node agent pool(s), "
+            f"{len(deployment.vnfm_ids)} reference VNFM(s)); waiting for heartbeats"
+        )
+        await wait_for_heartbeats(settings, deployment.node_ids, deployment, 120 + nodes * 0.2)
+        await _wait_log(deployment, "upgrade-manager", UM_READY, 120)
+
+        ctx.log(f"overhead: ping-pong, {rounds} round trips")
+        stats, _ = await measure_pingpong(settings, deployment.group, rounds)
+        result.update(stats)
+        ctx.log(f"overhead: one hop p50 {stats['pingpong_ms_p50']} ms")
+
+        request = build_upgrade_request(
+            version="2.0.0",
+            manifest=write_demo_manifest(ctx.run_dir, "2.0.0"),
+            artifacts=[],
+            repo_url=None,
+            nodes=deployment.node_ids,
+            max_parallel=1,
+            vnfm_timeout=VNFM_TIMEOUT_S,
+            on_vnfm_timeout=VnfmTimeoutPolicy.MIGRATE,
+            campaign_id=None,
+            requested_by="bench overhead",
+        )
+        campaign_id = request.campaign_id or ""
+        result["campaign_id"] = campaign_id
+        ctx.log(f"overhead: campaign {campaign_id} over {nodes} nodes, max_parallel 1")
+        await publish_upgrade_request(settings, request)
+        state = await follow_campaign(
+            settings, campaign_id, deployment, nodes, max(600.0, nodes * 3.0), ctx.log
+        )
+        result["state"] = state
+        ctx.log(f"overhead: campaign {state}; reading its events back")
+        events, scanned, dead = await read_campaign(settings, campaign_id)
+        result["records_scanned"] = scanned
+        result["dead_letters"] = dead
+    finally:
+        deployment.stop()
+
+    by_id = index_events(events)
+    requested = [e for e in by_id.values() if e.event_type == "UpgradeRequested"]
+    ended = [e for e in by_id.values() if e.event_type in ("CampaignCompleted", "CampaignFailed")]
+    first = requested[0].occurred_at if requested else min(e.occurred_at for e in by_id.values())
+    last = ended[0].occurred_at if ended else max(e.occurred_at for e in by_id.values())
+    cycles = analyse_cycles(by_id.values(), topic_consumers(settings))
+    result.update(
+        summarize(cycles, result["pingpong_ms_p50"], events=len(by_id), wall_s=last - first)
+    )
+    result["hop_breakdown"] = hop_breakdown(cycles)
+    result["event_types"] = dict(sorted(Counter(e.event_type for e in by_id.values()).items()))
+    example = next(
+        (c for c in cycles if c.hops_with_joins == result["hops_per_cycle_with_joins"]), None
+    )
+    if example is not None:
+        result["example_critical_path"] = [f"{e.service}: {e.event_type}" for e in example.path]
+    (ctx.run_dir / "cycles.json").write_text(
+        json.dumps(
+            [
+                {
+                    "node": c.node_id,
+                    "ms": rounded(c.ms, 3),
+                    "hops": c.hops,
+                    "joins": c.hops_with_joins,
+                }
+                for c in cycles
+            ],
+            indent=1,
+        )
+    )
+    return result
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    return asyncio.run(_run(ctx))
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m bench.overhead pong IN OUT COUNT`: the far side of the ping-pong."""
+    if len(argv) == 4 and argv[0] == "pong":
+        from escalator.settings import KafkaSettings
+
+        asyncio.run(pong(KafkaSettings(), argv[1], argv[2], int(argv[3])))
+        return 0
+    print("usage: python -m bench.overhead pong IN_TOPIC OUT_TOPIC COUNT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
