@@ -45,7 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from escalator.settings import KafkaSettings
+from escalator.settings import SECRET_FIELDS, KafkaSettings
 
 __all__ = [
     "AUTO_ORDER",
@@ -54,6 +54,7 @@ __all__ = [
     "MODES",
     "BrokerHandle",
     "BrokerModeError",
+    "BrokerSecurity",
     "BrokerUnavailable",
     "Probe",
     "choose_brokers",
@@ -64,6 +65,7 @@ __all__ = [
     "serve_forever",
     "settings_for",
     "start_broker",
+    "start_jvm_broker",
 ]
 
 BROKER_ENV = "ESCALATOR_BROKER"
@@ -130,6 +132,7 @@ _PLAINTEXT: dict[str, Any] = {
     "ssl_cafile": None,
     "ssl_certfile": None,
     "ssl_keyfile": None,
+    "ssl_password": None,
 }
 
 
@@ -140,13 +143,17 @@ def settings_for(kind: str, bootstrap_servers: str) -> KafkaSettings:
     For "external" everything else comes from the environment too (so a shell that exported a
     launched broker's ``to_env()`` gets that broker's settings back).
     """
+    return KafkaSettings(**_launched_overrides(kind, bootstrap_servers))
+
+
+def _launched_overrides(kind: str, bootstrap_servers: str) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"unknown broker kind {kind!r}; expected one of {', '.join(KINDS)}")
     overrides: dict[str, Any] = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers, "broker_kind": kind}
     if kind != "external":
         overrides.update(_PLAINTEXT)
         overrides.update(_PROFILES[kind])
-    return KafkaSettings(**overrides)
+    return overrides
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +357,7 @@ class BrokerHandle:
     pid: int | None = None
     workdir: str | None = None
     log_path: str | None = None
+    security: BrokerSecurity | None = None  # set by start_jvm_broker(security="sasl")
     _stopper: _Stopper = field(default_factory=_Stopper, repr=False, compare=False)
 
     @property
@@ -459,7 +467,11 @@ def serve_forever(mode: str | None = None) -> int:
     try:
         print(handle.bootstrap_servers, flush=True)
         print("# environment for clients (eval these in a shell):", flush=True)
+        secret_keys = {f"ESCALATOR_KAFKA_{name.upper()}" for name in SECRET_FIELDS}
         for key, value in handle.settings.to_env().items():
+            if key in secret_keys and value:
+                print(f"# {key} is set but never printed: export it yourself", flush=True)
+                continue
             print(f"export {key}={_shell_quote(value)}", flush=True)
         print("# Ctrl-C stops the broker.", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
@@ -496,13 +508,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_external(say: Log, timeout: float) -> BrokerHandle:
-    settings = KafkaSettings(broker_kind="external")
+    from pydantic import ValidationError
+
+    try:
+        settings = KafkaSettings(broker_kind="external")
+    except ValidationError as err:
+        from escalator.entrypoint import settings_error
+
+        raise BrokerUnavailable(
+            "bad Kafka settings for the external broker:\n" + settings_error("kafka", err)
+        ) from None
     bootstrap = settings.bootstrap_servers
     try:
         _run_async(_wait_until_answers(settings, deadline=time.monotonic() + EXTERNAL_WAIT_S))
     except BrokerUnavailable as exc:
+        from escalator.bus.connection import describe_connection_failure
+
+        try:  # e.g. "authentication failed for user ..." rather than "Unable to bootstrap"
+            why = _run_async(describe_connection_failure(settings, timeout_s=3.0)) or str(exc)
+        except Exception:
+            why = str(exc)
         raise BrokerUnavailable(
-            f"KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer Kafka metadata requests: {exc}"
+            f"KAFKA_BOOTSTRAP_SERVERS={bootstrap} does not answer Kafka metadata requests: {why}"
         ) from None
     return _register(BrokerHandle("external", bootstrap, settings, f"external Kafka ({bootstrap})"))
 
@@ -623,8 +650,8 @@ logger.state.level = WARN
 """
 
 
-def _server_properties(workdir: Path, port: int, cport: int) -> str:
-    props = {
+def _base_properties(workdir: Path, port: int, cport: int) -> dict[str, str]:
+    return {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@127.0.0.1:{cport}",
@@ -653,10 +680,248 @@ def _server_properties(workdir: Path, port: int, cport: int) -> str:
         "num.io.threads": "4",
         "log.cleaner.backoff.ms": "1000",
     }
+
+
+def _properties_text(props: Mapping[str, str]) -> str:
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
+def _server_properties(workdir: Path, port: int, cport: int) -> str:
+    """The default (PLAINTEXT) broker's server.properties."""
+    return _properties_text(_base_properties(workdir, port, cport))
+
+
+# ---- a separate JVM broker with SASL (and TLS) listeners, for security tests -----------------
+
+SASL_MECHANISMS: tuple[str, ...] = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+# the broker's own user (its inter-broker client logs in with SASL PLAIN on SASL_PLAINTEXT)
+BROKER_ADMIN_USER = "admin"
+_SAFE_CREDENTIAL = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """What a broker started by `start_jvm_broker(security="sasl")` offers, and the secrets a
+    test needs to talk to it (kept out of `repr`).
+
+    `listeners` maps a security protocol (SASL_PLAINTEXT, and with TLS also SASL_SSL and SSL)
+    to its host:port. Every user in `users` can log in with PLAIN, SCRAM-SHA-256 and
+    SCRAM-SHA-512 on the SASL listeners. The SSL listener requires a client certificate
+    (mutual TLS): `client_certfile`, `client_keyfile` (encrypted with `client_key_password`),
+    both signed by the CA in `ca_file`, which also signed the broker's certificate (valid for
+    127.0.0.1 and localhost).
+    """
+
+    listeners: Mapping[str, str]
+    mechanisms: tuple[str, ...]
+    users: Mapping[str, str] = field(repr=False)
+    ca_file: str | None = None
+    client_certfile: str | None = None
+    client_keyfile: str | None = None
+    client_key_password: str | None = field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def client_settings(
+        self,
+        protocol: str = "SASL_PLAINTEXT",
+        mechanism: str | None = "SCRAM-SHA-512",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        **overrides: Any,
+    ) -> KafkaSettings:
+        """Validated client settings for one listener (`protocol`) of this broker.
+
+        SASL listeners: `mechanism`, and `username` (default: the first user that is not the
+        broker's own) with its password unless `password` is given (e.g. a wrong one). TLS
+        listeners verify the broker with `ca_file`; SSL presents the client certificate.
+        """
+        if protocol not in self.listeners:
+            raise ValueError(
+                f"this broker has no {protocol} listener (it has {', '.join(self.listeners)})"
+            )
+        values: dict[str, Any] = _launched_overrides("kafka", self.listeners[protocol])
+        values["security_protocol"] = protocol
+        if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+            user = username or next(u for u in self.users if u != BROKER_ADMIN_USER)
+            values.update(
+                sasl_mechanism=mechanism,
+                sasl_username=user,
+                sasl_password=password if password is not None else self.users.get(user, ""),
+            )
+        if protocol in ("SSL", "SASL_SSL"):
+            values["ssl_cafile"] = self.ca_file
+        if protocol == "SSL":
+            values.update(
+                ssl_certfile=self.client_certfile,
+                ssl_keyfile=self.client_keyfile,
+                ssl_password=self.client_key_password,
+            )
+        values.update(overrides)
+        return KafkaSettings(**values)
+
+
+def _secret() -> str:
+    return base64.urlsafe_b64encode(os.urandom(18)).decode().replace("-", "A").replace("_", "b")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise BrokerUnavailable("TLS listeners need `openssl` on PATH to make test certificates")
+    out = subprocess.run(
+        [openssl, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+    if out.returncode != 0:
+        raise BrokerUnavailable(f"openssl {args[0]} failed: {out.stderr.strip()[-400:]}")
+
+
+def _make_test_pki(tls_dir: Path, key_password: str) -> dict[str, Path]:
+    """A throw-away CA, a broker certificate for 127.0.0.1/localhost and a client certificate
+    whose key is encrypted with `key_password` (EC P-256: fast to make, fine for Java and
+    Python). Returns the paths; the broker keystore is one PEM with key and chain (PKCS#8)."""
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    days = ("-days", "2")
+    _openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", *days,
+        "-subj", "/CN=escalator test CA", cwd=tls_dir,
+    )  # fmt: skip
+    (tls_dir / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (tls_dir / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, cn in (("server", "localhost"), ("client", "escalator-client")):
+        _openssl(
+            "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}",
+            cwd=tls_dir,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", *days, "-extfile", f"{name}.ext",
+            cwd=tls_dir,
+        )  # fmt: skip
+    _openssl(
+        "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", "client.key", "-out", "client.enc.key",
+        "-passout", f"pass:{key_password}", cwd=tls_dir,
+    )  # fmt: skip
+    keystore = tls_dir / "server.keystore.pem"
+    keystore.write_text(
+        (tls_dir / "server.key").read_text()
+        + (tls_dir / "server.crt").read_text()
+        + (tls_dir / "ca.pem").read_text()
+    )
+    for leftover in ("ca.key", "client.key", "server.csr", "client.csr"):
+        (tls_dir / leftover).unlink(missing_ok=True)
+    return {
+        "ca": tls_dir / "ca.pem",
+        "keystore": keystore,
+        "client_cert": tls_dir / "client.crt",
+        "client_key": tls_dir / "client.enc.key",
+    }
+
+
+def _jaas(module: str, options: Mapping[str, str]) -> str:
+    opts = "".join(f' {k}="{v}"' for k, v in options.items())
+    return f"{module} required{opts};"
+
+
+def _sasl_properties(
+    workdir: Path,
+    ports: Mapping[str, int],
+    cport: int,
+    users: Mapping[str, str],
+    pki: Mapping[str, Path] | None,
+) -> dict[str, str]:
+    """server.properties of the secure broker: one listener per protocol in `ports`, named
+    after it (SASL_PLAINTEXT, SASL_SSL, SSL), plus the PLAINTEXT controller listener. The broker
+    talks to itself on SASL_PLAINTEXT with PLAIN as `BROKER_ADMIN_USER`."""
+    props = _base_properties(workdir, 0, cport)
+    names = list(ports)
+    listeners = ",".join(f"{n}://127.0.0.1:{p}" for n, p in ports.items())
+    props.update(
+        {
+            "listeners": f"{listeners},CONTROLLER://127.0.0.1:{cport}",
+            "advertised.listeners": listeners,
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "listener.security.protocol.map": ",".join(
+                [*(f"{n}:{n}" for n in names), "CONTROLLER:PLAINTEXT"]
+            ),
+            "sasl.enabled.mechanisms": ",".join(SASL_MECHANISMS),
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        }
+    )
+    plain_users = {f"user_{user}": password for user, password in users.items()}
+    for name in names:
+        if not name.startswith("SASL_"):
+            continue
+        prefix = f"listener.name.{name.lower()}"
+        own = {"username": BROKER_ADMIN_USER, "password": users[BROKER_ADMIN_USER]}
+        props[f"{prefix}.plain.sasl.jaas.config"] = _jaas(
+            "org.apache.kafka.common.security.plain.PlainLoginModule", {**own, **plain_users}
+        )
+        for mechanism in _SCRAM_MECHANISMS:
+            props[f"{prefix}.{mechanism.lower()}.sasl.jaas.config"] = _jaas(
+                "org.apache.kafka.common.security.scram.ScramLoginModule", {}
+            )
+    if pki is not None:
+        props.update(
+            {
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(pki["keystore"]),
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": str(pki["ca"]),
+                "listener.name.ssl.ssl.client.auth": "required",
+            }
+        )
+    return props
+
+
+def start_jvm_broker(
+    security: str = "plaintext",
+    *,
+    users: Mapping[str, str] | None = None,
+    tls: bool | None = None,
+    log: Log | None = print,
+    timeout: float = 90.0,
+) -> BrokerHandle:
+    """Start Apache Kafka from its jars as one KRaft node on 127.0.0.1 (always a new broker).
+
+    ``security="plaintext"``: the default test/demo broker (what ``start_broker("kafka")``
+    starts). ``security="sasl"``: a separate broker for security tests whose listeners need
+    authentication: SASL_PLAINTEXT with PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for every user
+    of `users` (name -> password; default: one user "escalator" with a random password). SCRAM
+    credentials are written at storage format time (``--add-scram``), PLAIN users come from the
+    listener's JAAS config. With `tls` (default: when ``openssl`` is on PATH) it also has a
+    SASL_SSL listener and an SSL listener that requires a client certificate, with a CA made
+    for this broker. ``handle.security`` (a `BrokerSecurity`) lists the listeners and builds
+    client settings; ``handle.settings`` are those of the SASL_PLAINTEXT listener with
+    SCRAM-SHA-512 as the first user.
+    """
+    say: Log = log if log is not None else (lambda _line: None)
+    if security not in ("plaintext", "sasl"):
+        raise ValueError(f"unknown security {security!r}; expected 'plaintext' or 'sasl'")
+    if security == "plaintext":
+        return _start_jvm(say, timeout, None)
+    chosen = dict(users) if users else {"escalator": _secret()}
+    chosen.setdefault(BROKER_ADMIN_USER, _secret())
+    for user, password in chosen.items():
+        # they end up in a JAAS config and in `--add-scram` arguments: keep them unquotable-safe
+        if not _SAFE_CREDENTIAL.match(user) or not _SAFE_CREDENTIAL.match(password):
+            raise ValueError(f"test user {user!r}: names/passwords must match [A-Za-z0-9_.@+-]")
+    use_tls = shutil.which("openssl") is not None if tls is None else tls
+    return _start_jvm(say, timeout, (chosen, use_tls))
+
+
 def _start_kafka(say: Log, timeout: float) -> BrokerHandle:
+    return _start_jvm(say, timeout, None)
+
+
+def _start_jvm(
+    say: Log, timeout: float, secure: tuple[dict[str, str], bool] | None
+) -> BrokerHandle:
     version = kafka_version()
     java = shutil.which("java")
     if java is None:
@@ -667,14 +932,35 @@ def _start_kafka(say: Log, timeout: float) -> BrokerHandle:
     for _attempt in range(3):  # a free port can be taken between picking and binding
         workdir = _make_workdir("escalator-kafka-")
         try:
-            port, cport = _free_ports(2)
-            (workdir / "server.properties").write_text(_server_properties(workdir, port, cport))
+            fmt_extra: list[str] = []
+            sec: BrokerSecurity | None = None
+            if secure is None:
+                port, cport = _free_ports(2)
+                props = _server_properties(workdir, port, cport)
+                bootstrap = f"127.0.0.1:{port}"
+                settings = settings_for("kafka", bootstrap)
+                description = f"Apache Kafka {version} (JVM, KRaft)"
+            else:
+                sec, props, fmt_extra = _secure_plan(workdir, *secure)
+                bootstrap = sec.listeners["SASL_PLAINTEXT"]
+                settings = sec.client_settings("SASL_PLAINTEXT", "SCRAM-SHA-512")
+                extra = "SASL PLAIN/SCRAM" + (", TLS, mTLS" if sec.tls else "")
+                description = f"Apache Kafka {version} (JVM, KRaft, {extra})"
+            (workdir / "server.properties").write_text(props)
             (workdir / "log4j2.properties").write_text(_LOG4J2)
             jvm = [java, *KAFKA_JVM_OPTS, f"-Dlog4j2.configurationFile={workdir}/log4j2.properties"]
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt_args = ("format", "-t", cluster_id, "-c", str(workdir / "server.properties"))
             fmt = subprocess.run(
-                [*jvm, *_SHORT_JVM_OPTS, "-cp", classpath, "kafka.tools.StorageTool", *fmt_args],
+                [
+                    *jvm,
+                    *_SHORT_JVM_OPTS,
+                    "-cp",
+                    classpath,
+                    "kafka.tools.StorageTool",
+                    *fmt_args,
+                    *fmt_extra,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -690,15 +976,15 @@ def _start_kafka(say: Log, timeout: float) -> BrokerHandle:
                 log_path,
                 cwd=workdir,
             )
-            bootstrap = f"127.0.0.1:{port}"
             handle = BrokerHandle(
                 "kafka",
                 bootstrap,
-                settings_for("kafka", bootstrap),
-                f"Apache Kafka {version} (JVM, KRaft)",
+                settings,
+                description,
                 pid=proc.pid,
                 workdir=str(workdir),
                 log_path=str(log_path),
+                security=sec,
                 _stopper=_Stopper(functools.partial(_stop_process, proc, workdir, grace=10.0)),
             )
         except BaseException:
@@ -715,6 +1001,32 @@ def _start_kafka(say: Log, timeout: float) -> BrokerHandle:
             raise
         return _register(handle)
     raise last or BrokerUnavailable("could not bind Kafka to a free port")
+
+
+def _secure_plan(
+    workdir: Path, users: dict[str, str], tls: bool
+) -> tuple[BrokerSecurity, str, list[str]]:
+    """Listeners, TLS material, server.properties and the `--add-scram` format arguments."""
+    protocols = ["SASL_PLAINTEXT", *(["SASL_SSL", "SSL"] if tls else [])]
+    *ports, cport = _free_ports(len(protocols) + 1)
+    by_protocol = dict(zip(protocols, ports, strict=True))
+    key_password = _secret() if tls else None
+    pki = _make_test_pki(workdir / "tls", key_password) if key_password else None
+    props = _sasl_properties(workdir, by_protocol, cport, users, pki)
+    fmt_extra: list[str] = []
+    for user, password in users.items():
+        for mechanism in _SCRAM_MECHANISMS:
+            fmt_extra += ["--add-scram", f"{mechanism}=[name={user},password={password}]"]
+    sec = BrokerSecurity(
+        listeners={p: f"127.0.0.1:{port}" for p, port in by_protocol.items()},
+        mechanisms=SASL_MECHANISMS,
+        users=users,
+        ca_file=str(pki["ca"]) if pki else None,
+        client_certfile=str(pki["client_cert"]) if pki else None,
+        client_keyfile=str(pki["client_key"]) if pki else None,
+        client_key_password=key_password,
+    )
+    return sec, _properties_text(props), fmt_extra
 
 
 # ---- Tansu -------------------------------------------------------------------------------------
