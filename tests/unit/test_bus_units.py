@@ -144,12 +144,12 @@ async def test_client_kwargs_sasl(
 
 
 def test_client_kwargs_tls_files(tmp_path: Any) -> None:
-    # A CA bundle that does not exist must fail loudly rather than silently use no TLS.
-    settings = KafkaSettings(security_protocol="SSL", ssl_cafile=str(tmp_path / "missing.pem"))
-    with pytest.raises(FileNotFoundError):
-        client_kwargs(settings)
+    # A CA bundle that does not exist must fail loudly (when the settings are made) rather than
+    # silently use no TLS.
+    with pytest.raises(ValueError, match="ssl_cafile"):
+        KafkaSettings(security_protocol="SSL", ssl_cafile=str(tmp_path / "missing.pem"))
     with pytest.raises(ValueError, match="ssl_keyfile"):
-        client_kwargs(KafkaSettings(security_protocol="SSL", ssl_keyfile="k.pem"))
+        KafkaSettings(security_protocol="SSL", ssl_keyfile="k.pem")
     kwargs = client_kwargs(KafkaSettings(security_protocol="SSL"))
     assert isinstance(kwargs["ssl_context"], ssl.SSLContext)
     assert "sasl_mechanism" not in kwargs
