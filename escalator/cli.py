@@ -221,6 +221,25 @@ def upgrade_start(
         float,
         typer.Option("--vnfm-hard-timeout", min=0.001, help="No heartbeat extends beyond this."),
     ] = 3600.0,
+    max_per_failure_domain: Annotated[
+        int | None,
+        typer.Option("--max-per-failure-domain", help="Nodes of one failure domain at once."),
+    ] = None,
+    canary_nodes: Annotated[
+        int, typer.Option("--canary-nodes", help="First batch, alone; 0: no canary.")
+    ] = 0,
+    canary_bake_s: Annotated[
+        float, typer.Option("--canary-bake-s", help="Wait after the canary batch.")
+    ] = 0.0,
+    window_start: Annotated[
+        str | None, typer.Option("--window-start", help="No node starts before (ISO 8601).")
+    ] = None,
+    window_end: Annotated[
+        str | None, typer.Option("--window-end", help="No node starts at or after (ISO 8601).")
+    ] = None,
+    failure_budget: Annotated[
+        int | None, typer.Option("--failure-budget", help="Failed nodes that halt the campaign.")
+    ] = None,
     campaign_id: Annotated[str | None, typer.Option("--campaign-id")] = None,
     requested_by: Annotated[str, typer.Option("--requested-by")] = "operator",
 ) -> None:
@@ -241,6 +260,12 @@ def upgrade_start(
             "deferral_s": deferral_s,
             "vnfm_extension_max_s": vnfm_extension_max_s,
             "vnfm_hard_timeout_s": vnfm_hard_timeout,
+            "max_per_failure_domain": max_per_failure_domain,
+            "canary_nodes": canary_nodes,
+            "canary_bake_s": canary_bake_s,
+            "window_start": window_start,
+            "window_end": window_end,
+            "failure_budget": failure_budget,
         },
     )
     try:
@@ -248,6 +273,78 @@ def upgrade_start(
     except Exception as exc:  # any broker failure is one readable line, not a traceback
         fail(f"could not publish to Kafka: {exc}", code=1)
     out.print(request.campaign_id, markup=False, highlight=False)
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan_command(
+    scenario: Annotated[
+        Path | None,
+        typer.Option("--scenario", help="World scenario JSON: plan offline, no broker."),
+    ] = None,
+    nodes: Annotated[
+        list[str] | None, typer.Option("--nodes", help="Nodes to upgrade (default: all).")
+    ] = None,
+    max_parallel: Annotated[int, typer.Option("--max-parallel", help="Nodes at once.")] = 1,
+    max_per_failure_domain: Annotated[
+        int | None, typer.Option("--max-per-failure-domain", help="Per failure domain.")
+    ] = None,
+    canary_nodes: Annotated[int, typer.Option("--canary-nodes", help="First batch.")] = 0,
+    canary_bake_s: Annotated[float, typer.Option("--canary-bake-s")] = 0.0,
+    window_start: Annotated[str | None, typer.Option("--window-start", help="ISO 8601.")] = None,
+    window_end: Annotated[str | None, typer.Option("--window-end", help="ISO 8601.")] = None,
+    failure_budget: Annotated[int | None, typer.Option("--failure-budget")] = None,
+    claim_s: Annotated[float | None, typer.Option("--claim-s", help="Default 0.2.")] = None,
+    notify_s: Annotated[float | None, typer.Option("--notify-s", help="Default 1.0.")] = None,
+    migrate_s: Annotated[float | None, typer.Option("--migrate-s", help="Default 0.5.")] = None,
+    upgrade_s: Annotated[float | None, typer.Option("--upgrade-s", help="Default 3.0.")] = None,
+    release_s: Annotated[float | None, typer.Option("--release-s", help="Default 0.2.")] = None,
+    migrate_moved_vms: Annotated[bool, typer.Option("--migrate-moved-vms")] = False,
+    start_at: Annotated[
+        str | None, typer.Option("--start-at", help="When it would start (ISO 8601; now).")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Broker read limit.")] = 30,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Dry run: the batches, predicted duration and what blocks each node; nothing starts.
+
+    Reads the inventory and VNF registry from the bus (or --scenario). Exit code 0: every node
+    gets a batch; 3: some nodes can never be upgraded or get no batch under these constraints
+    (all is still printed); 2: bad input; 1: the bus could not be read.
+    """
+    from escalator import plan as planning
+
+    try:
+        plan = planning.plan_from_options(
+            scenario=scenario,
+            settings=kafka_settings if scenario is None else None,
+            timeout_s=timeout,
+            nodes=nodes or [],
+            start_at=start_at,
+            policy={
+                "max_parallel": max_parallel,
+                "max_per_failure_domain": max_per_failure_domain,
+                "canary_nodes": canary_nodes,
+                "canary_bake_s": canary_bake_s,
+                "window_start": window_start,
+                "window_end": window_end,
+                "failure_budget": failure_budget,
+                "migrate_moved_vms": migrate_moved_vms,
+            },
+            durations={
+                "claim_s": claim_s,
+                "notify_s": notify_s,
+                "migrate_s": migrate_s,
+                "upgrade_s": upgrade_s,
+                "release_s": release_s,
+            },
+        )
+    except planning.PlanError as exc:
+        fail(exc.message, code=exc.code)
+    planning.output(plan, out, as_json=as_json)
+    raise typer.Exit(plan.exit_code)
 
 
 # --- status and watch -------------------------------------------------------------------------
