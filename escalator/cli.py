@@ -24,7 +24,13 @@ from rich.console import Console
 
 from escalator.settings import KafkaSettings
 from escalator.status import STEP_ORDER, CampaignBoard, CampaignView
-from schemas.events import CampaignPolicy, NodeStep, UpgradeRequested, VnfProfile
+from schemas.events import (
+    CampaignPolicy,
+    NodeStep,
+    OnAbortUpgrading,
+    UpgradeRequested,
+    VnfProfile,
+)
 from schemas.types import ArtifactFile, VersionManifest, VnfmTimeoutPolicy
 
 app = typer.Typer(
@@ -268,8 +274,9 @@ def upgrade_start(
             "failure_budget": failure_budget,
         },
     )
+    settings = kafka_settings()
     try:
-        asyncio.run(publish_upgrade_request(kafka_settings(), request))
+        asyncio.run(publish_upgrade_request(settings, request))
     except Exception as exc:  # any broker failure is one readable line, not a traceback
         fail(f"could not publish to Kafka: {exc}", code=1)
     out.print(request.campaign_id, markup=False, highlight=False)
@@ -409,8 +416,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show campaigns, or one campaign node by node with what each node waits for."""
+    settings = kafka_settings()
     try:
-        board = asyncio.run(read_board(kafka_settings()))
+        board = asyncio.run(read_board(settings))
     except Exception as exc:
         fail(f"could not read the campaigns topic: {exc}", code=1)
     if campaign_id is not None and campaign_id not in board.campaigns:
@@ -426,6 +434,233 @@ def status(
             out.print(f"reason: {view.reason}", markup=False)
     else:
         out.print(campaigns_table(board))
+
+
+# --- operator controls ------------------------------------------------------------------------
+
+WaitOption = Annotated[
+    float, typer.Option("--wait", min=0, help="Seconds to wait for the manager's answer; 0: none.")
+]
+ByOption = Annotated[str, typer.Option("--requested-by", help="Who asks, for the record.")]
+
+
+def _control(campaign_id: str, build: Any, wait_s: float, *, idempotent_state: str = "") -> None:
+    """Check the campaign exists, send the request, report the manager's answer."""
+    from escalator.controls import send_and_wait
+
+    settings = kafka_settings()
+    try:
+        board = asyncio.run(read_board(settings))
+    except Exception as exc:
+        fail(f"could not read the campaigns topic: {exc}", code=1)
+    view = board.campaigns.get(campaign_id)
+    if view is None or (view.started_at is None and view.state != "rejected"):
+        fail(f"no campaign {campaign_id!r} has started on the bus")
+    if idempotent_state and view.state == idempotent_state:
+        out.print(f"{campaign_id} is already {view.state}", markup=False, highlight=False)
+        return
+    try:
+        request = build()
+    except ValidationError as exc:
+        fail(_first_error(exc))
+    try:
+        outcome = asyncio.run(send_and_wait(settings, request, wait_s=wait_s))
+    except Exception as exc:
+        fail(f"could not publish to Kafka: {exc}", code=1)
+    out.print(f"{campaign_id}: {outcome.message}", markup=False, highlight=False)
+    if not outcome.applied and wait_s > 0:
+        raise typer.Exit(1)
+
+
+@app.command()
+def pause(
+    campaign_id: Annotated[str, typer.Argument(help="Campaign id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the record.")] = "",
+    requested_by: ByOption = "operator",
+    wait: WaitOption = 30.0,
+) -> None:
+    """Start no new node; nodes in their cycle finish. Exit 1 if the manager rejects it."""
+    from schemas.events import CampaignPauseRequested
+
+    _control(
+        campaign_id,
+        lambda: CampaignPauseRequested(
+            campaign_id=campaign_id,
+            producer="operator-cli",
+            reason=reason,
+            requested_by=requested_by,
+        ),
+        wait,
+        idempotent_state="paused",
+    )
+
+
+@app.command()
+def resume(
+    campaign_id: Annotated[str, typer.Argument(help="Campaign id.")],
+    requested_by: ByOption = "operator",
+    wait: WaitOption = 30.0,
+) -> None:
+    """Let a paused campaign start nodes again."""
+    from schemas.events import CampaignResumeRequested
+
+    _control(
+        campaign_id,
+        lambda: CampaignResumeRequested(
+            campaign_id=campaign_id, producer="operator-cli", requested_by=requested_by
+        ),
+        wait,
+        idempotent_state="running",
+    )
+
+
+@app.command()
+def abort(
+    campaign_id: Annotated[str, typer.Argument(help="Campaign id.")],
+    upgrading: Annotated[
+        OnAbortUpgrading,
+        typer.Option("--upgrading", help="Nodes upgrading now: finish, or roll back."),
+    ] = OnAbortUpgrading.FINISH,
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the record.")] = "",
+    requested_by: ByOption = "operator",
+    wait: WaitOption = 30.0,
+) -> None:
+    """Stop for good: nodes in maintenance not yet upgrading return to service untouched."""
+    from schemas.events import CampaignAbortRequested
+
+    _control(
+        campaign_id,
+        lambda: CampaignAbortRequested(
+            campaign_id=campaign_id,
+            producer="operator-cli",
+            upgrading=upgrading,
+            reason=reason,
+            requested_by=requested_by,
+        ),
+        wait,
+    )
+
+
+@app.command()
+def retry(
+    campaign_id: Annotated[str, typer.Argument(help="Campaign id.")],
+    node: Annotated[str, typer.Option("--node", help="The quarantined or deferred node.")],
+    requested_by: ByOption = "operator",
+    wait: WaitOption = 30.0,
+) -> None:
+    """Re-admit a quarantined (failed) or deferred node into its campaign."""
+    from schemas.events import NodeRetryRequested
+
+    _control(
+        campaign_id,
+        lambda: NodeRetryRequested(
+            campaign_id=campaign_id,
+            producer="operator-cli",
+            node_id=node,
+            requested_by=requested_by,
+        ),
+        wait,
+    )
+
+
+# --- dead letters -----------------------------------------------------------------------------
+
+dlq_app = typer.Typer(help="Dead letters: inspect and re-drive.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _dlq_filter(
+    topic: str | None, reason: str | None, event_type: str | None, since: str | None
+) -> Any:
+    from datetime import datetime
+
+    from escalator.dlq import Filter
+
+    moment = None
+    if since is not None:
+        try:
+            moment = datetime.fromisoformat(since)
+        except ValueError:
+            fail(f"--since {since!r} is not an ISO 8601 time, e.g. 2026-11-26T04:00:00+00:00")
+        if moment.tzinfo is None:
+            fail(f"--since {since!r} needs a timezone, e.g. 2026-11-26T04:00:00Z")
+    return Filter(source_topic=topic, reason=reason, event_type=event_type, since=moment)
+
+
+TopicFilter = Annotated[
+    str | None, typer.Option("--topic", help="Source topic (or part of its name).")
+]
+ReasonFilter = Annotated[str | None, typer.Option("--reason", help="e.g. invalid_fields.")]
+TypeFilter = Annotated[str | None, typer.Option("--event-type", help="e.g. VnfBusinessMoved.")]
+SinceFilter = Annotated[str | None, typer.Option("--since", help="ISO 8601 time.")]
+
+
+@dlq_app.command("list")
+def dlq_list(
+    topic: TopicFilter = None,
+    reason: ReasonFilter = None,
+    event_type: TypeFilter = None,
+    since: SinceFilter = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Dead letters with their reason; ids are <partition>:<offset> on the dead-letter topic."""
+    from escalator.dlq import entries_table, read_entries
+
+    keep = _dlq_filter(topic, reason, event_type, since)
+    settings = kafka_settings()
+    try:
+        entries = asyncio.run(read_entries(settings, keep))
+    except Exception as exc:
+        fail(f"could not read the dead-letter topic: {exc}", code=1)
+    if as_json:
+        out.print_json(json.dumps([e.to_json() for e in entries]))
+    else:
+        out.print(entries_table(entries))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[str] | None, typer.Argument(help="Dead-letter ids to replay.")] = None,
+    replay_all: Annotated[
+        bool, typer.Option("--all", help="Every dead letter the filters keep.")
+    ] = False,
+    topic: TopicFilter = None,
+    reason: ReasonFilter = None,
+    event_type: TypeFilter = None,
+    since: SinceFilter = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Also records that would be rejected again.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show, send nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Send dead letters back to their source topic. Exit 1 if any was skipped."""
+    from escalator.dlq import read_entries, replay, replay_table, select
+
+    if not ids and not replay_all:
+        fail("name dead-letter ids (see `escalator dlq list`), or pass --all with filters")
+    if ids and replay_all:
+        fail("pass either ids or --all, not both")
+    keep = _dlq_filter(topic, reason, event_type, since)
+    settings = kafka_settings()
+    try:
+        entries = asyncio.run(read_entries(settings, keep))
+    except Exception as exc:
+        fail(f"could not read the dead-letter topic: {exc}", code=1)
+    try:
+        chosen = select(entries, ids) if ids else entries
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        results = asyncio.run(replay(settings, chosen, force=force, dry_run=dry_run))
+    except Exception as exc:
+        fail(f"could not replay: {exc}", code=1)
+    if as_json:
+        out.print_json(json.dumps([r.to_json() for r in results]))
+    else:
+        out.print(replay_table(results))
+    if not dry_run and any(not r.sent for r in results):
+        raise typer.Exit(1)
 
 
 async def watch_campaign(
@@ -508,8 +743,9 @@ def watch(
     ] = None,
 ) -> None:
     """Live progress of one campaign, read from the bus, until it ends (exit 1 unless completed)."""
+    settings = kafka_settings()
     try:
-        view = asyncio.run(watch_campaign(kafka_settings(), campaign_id, out, timeout_s=timeout))
+        view = asyncio.run(watch_campaign(settings, campaign_id, out, timeout_s=timeout))
     except TimeoutError as exc:
         fail(str(exc), code=1)
     except Exception as exc:
@@ -571,8 +807,9 @@ def registry_list(
 
     from escalator.registry import load_registry
 
+    settings = kafka_settings()
     try:
-        registry = asyncio.run(load_registry(kafka_settings()))
+        registry = asyncio.run(load_registry(settings))
     except Exception as exc:
         fail(f"could not read the registry: {exc}", code=1)
     profiles = sorted(registry.profiles.values(), key=lambda p: p.vnf_id)
