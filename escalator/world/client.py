@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -13,6 +15,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from escalator.world.model import (
     Interruption,
+    InventoryNode,
     NodeView,
     RebootRecord,
     VmView,
@@ -101,6 +104,22 @@ class WorldClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise WorldError(0, f"world unreachable at {self.base_url}: {exc!r}") from exc
 
+    async def _raw(self, path: str, params: list[tuple[str, str]] | None = None) -> bytes:
+        """The body of a GET, unparsed (for answers big enough that the caller parses them
+        off the event loop)."""
+        try:
+            async with self._http().get(f"{self.base_url}{path}", params=params) as response:
+                body = await response.read()
+                if response.status >= 400:
+                    try:
+                        message = json.loads(body).get("error")
+                    except (ValueError, AttributeError):
+                        message = None
+                    raise WorldError(response.status, str(message or response.reason or "error"))
+                return body
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise WorldError(0, f"world unreachable at {self.base_url}: {exc!r}") from exc
+
     async def _model(self, model: type[ModelT], method: str, path: str, **kw: Any) -> ModelT:
         return model.model_validate(await self._request(method, path, **kw))
 
@@ -121,6 +140,30 @@ class WorldClient:
 
     async def nodes(self) -> list[NodeView]:
         return await self._models(NodeView, "nodes", "GET", "/v1/nodes")
+
+    async def inventory(self, node_ids: Iterable[str] | None = None) -> list[InventoryNode]:
+        """Every node (or these) with its VMs and the migrations under way toward it."""
+        body = await self.inventory_json(node_ids)
+        return TypeAdapter(list[InventoryNode]).validate_python(json.loads(body)["nodes"])
+
+    async def inventory_json(self, node_ids: Iterable[str] | None = None) -> bytes:
+        """`inventory` as the world's JSON text (`{"nodes": [...]}`), unparsed: at 10,000 nodes
+        and 200,000 VMs it is some 20 MB, better parsed away from the event loop."""
+        params = None if node_ids is None else [("node", n) for n in node_ids]
+        if params == []:
+            return b'{"nodes":[]}'
+        return await self._raw("/v1/inventory", params)
+
+    async def inventory_ndjson(self, node_ids: Iterable[str] | None = None) -> bytes:
+        """`inventory` as newline-delimited JSON, one node per line, unparsed: a reader can
+        parse it line by line (in a thread, without holding the interpreter for one long
+        parse of some 20 MB)."""
+        params = [("format", "ndjson")]
+        if node_ids is not None:
+            params += [("node", n) for n in node_ids]
+            if len(params) == 1:
+                return b""
+        return await self._raw("/v1/inventory", params)
 
     async def node(self, node_id: str) -> NodeView:
         return await self._model(NodeView, "GET", f"/v1/nodes/{_seg(node_id)}")

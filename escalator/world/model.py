@@ -114,6 +114,29 @@ class VmView(Vm):
     incoming: bool = False
 
 
+class InventoryVm(WorldModel):
+    """A VM in a node's inventory; `incoming` marks a migration under way toward the node."""
+
+    id: str
+    vnf_id: str | None = None
+    vcpus: int
+    ram_mb: int
+    incoming: bool = False
+
+
+class InventoryNode(WorldModel):
+    """One node of `GET /v1/inventory`: what a scheduler needs, without the node's history."""
+
+    id: str
+    failure_domain: str
+    vcpus: int
+    ram_mb: int
+    power: PowerState
+    service_status: ServiceStatus
+    maintenance_holder: str | None = None
+    vms: list[InventoryVm]
+
+
 class MemberSync(WorldModel):
     state: SyncState = "in_sync"
     until: float | None = None

@@ -149,6 +149,20 @@ async def list_nodes(request: web.Request) -> web.Response:
     return _json({"nodes": _engine(request).nodes()})
 
 
+async def inventory(request: web.Request) -> web.Response:
+    """Every node with its VMs (`?node=ID`, repeatable, for some nodes only), in one answer:
+    `{"nodes": [...]}`, or one node per line with `?format=ndjson`."""
+    wanted = request.query.getall("node", None)
+    form = request.query.get("format", "json")
+    if form == "ndjson":
+        text = _engine(request).inventory_ndjson(wanted)
+        return web.Response(text=text, content_type="application/x-ndjson")
+    if form != "json":
+        raise BadRequest(f"format must be json or ndjson, not {form!r}")
+    text = _engine(request).inventory_json(wanted)
+    return web.Response(text=text, content_type="application/json")
+
+
 async def get_node(request: web.Request) -> web.Response:
     return _json(_engine(request).node(request.match_info["node_id"]))
 
@@ -240,6 +254,7 @@ def create_app(engine: WorldEngine, *, tick_interval_s: float = TICK_INTERVAL_S)
             web.get("/healthz", healthz),
             web.get("/v1/snapshot", snapshot),
             web.get("/v1/nodes", list_nodes),
+            web.get("/v1/inventory", inventory),
             web.get("/v1/nodes/{node_id}", get_node),
             web.get("/v1/nodes/{node_id}/vms", node_vms),
             web.post("/v1/nodes/{node_id}/maintenance", claim_maintenance),

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from escalator.world.engine import PlacementIndex, WorldEngine, plan_evacuation
+from escalator.world.engine import (
+    PlacementIndex,
+    WorldEngine,
+    plan_evacuation,
+    valid_destinations,
+)
 from escalator.world.errors import Conflict, EngineError, InvalidRequest, NotFound
 from escalator.world.model import MemberSync, Node, Timings, Vm, Vnf, WorldState
+from escalator.world.monitor import detect_impairments, observe
 from escalator.world.scenario import generate, satisfies_spare_capacity, vnf_registry_records
 
 pytestmark = pytest.mark.unit
@@ -486,6 +494,10 @@ operations = st.one_of(
     st.tuples(st.just("admin_disable"), st.sampled_from(NODE_IDS), st.none()),
     st.tuples(st.just("admin_enable"), st.sampled_from(NODE_IDS), st.none()),
     st.tuples(st.just("advance"), st.floats(min_value=0, max_value=2), st.none()),
+    st.tuples(st.just("switch_over"), st.sampled_from(["as-a", "as-b"]), st.none()),
+    st.tuples(st.just("drain"), st.sampled_from(["lb-a", "lb-b", "lb-c"]), st.none()),
+    st.tuples(st.just("restore"), st.sampled_from(["lb-a", "lb-b", "lb-c"]), st.none()),
+    st.tuples(st.just("inventory"), st.sampled_from([None, *NODE_IDS]), st.none()),
 )
 
 
@@ -498,6 +510,56 @@ def check_invariants(engine: WorldEngine) -> None:
     for group, locations in index.group_locations.items():
         nodes = [node for _, node in locations]
         assert len(nodes) == len(set(nodes)), f"anti-affinity broken for {group}"
+    # the indexes (VMs by node, usage, work in flight, cached inventory) match the state
+    engine.check_indexes()
+    # the monitor, asked only about what can be impaired, has open what a full look finds
+    open_keys = {
+        (i.vnf_id, i.kind, tuple(i.members) if i.vnf_id is None else ())
+        for i in state.interruptions
+        if i.ended_at is None
+    }
+    assert open_keys == {imp.key for imp in detect_impairments(state)}
+
+
+class FullyObservingEngine(WorldEngine):
+    """The engine as it was: the monitor looks at everything after every change."""
+
+    def _observe(self) -> None:
+        observe(self.state, self.now)
+
+
+def apply(engine: WorldEngine, clock: ManualClock, op: str, subject: object, arg: object) -> None:
+    if op == "claim":
+        engine.claim_maintenance(str(subject), str(arg))
+    elif op == "release":
+        engine.release_maintenance(str(subject), str(arg))
+    elif op == "migrate":
+        destination = arg if isinstance(arg, str) else None
+        target_before = engine.state.nodes[destination].model_copy() if destination else None
+        vm = engine.migrate_vm(str(subject), destination)
+        chosen_before = target_before or engine.state.nodes[vm.migration_target or ""]
+        # Migrations completing in the same call cannot happen (duration > 0), so the
+        # destination's state is the one the decision saw.
+        assert chosen_before.maintenance_holder is None
+        assert chosen_before.service_status == "enabled"
+    elif op == "reboot":
+        engine.reboot_node(str(subject), duration_s=1.0, fail=bool(arg))
+    elif op == "admin_disable":
+        engine.admin_disable(str(subject), "test")
+    elif op == "admin_enable":
+        engine.admin_enable(str(subject))
+    elif op == "advance":
+        assert isinstance(subject, float)
+        clock.advance(subject)
+        engine.tick()
+    elif op == "switch_over":
+        engine.switch_over("vnf-as", str(subject))
+    elif op == "drain":
+        engine.drain_member("vnf-lb", str(subject))
+    elif op == "restore":
+        engine.restore_member("vnf-lb", str(subject))
+    elif op == "inventory":
+        engine.inventory_json(None if subject is None else [str(subject)])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -509,31 +571,143 @@ def test_random_operations_keep_placement_invariants(
     engine = WorldEngine(small_world(), clock=clock)
     for op, subject, arg in ops:
         try:
-            if op == "claim":
-                engine.claim_maintenance(str(subject), str(arg))
-            elif op == "release":
-                engine.release_maintenance(str(subject), str(arg))
-            elif op == "migrate":
-                destination = arg if isinstance(arg, str) else None
-                target_before = (
-                    engine.state.nodes[destination].model_copy() if destination else None
-                )
-                vm = engine.migrate_vm(str(subject), destination)
-                chosen_before = target_before or engine.state.nodes[vm.migration_target or ""]
-                # Migrations completing in the same call cannot happen (duration > 0), so the
-                # destination's state is the one the decision saw.
-                assert chosen_before.maintenance_holder is None
-                assert chosen_before.service_status == "enabled"
-            elif op == "reboot":
-                engine.reboot_node(str(subject), duration_s=1.0, fail=bool(arg))
-            elif op == "admin_disable":
-                engine.admin_disable(str(subject), "test")
-            elif op == "admin_enable":
-                engine.admin_enable(str(subject))
-            elif op == "advance":
-                assert isinstance(subject, float)
-                clock.advance(subject)
-                engine.tick()
+            apply(engine, clock, op, subject, arg)
         except EngineError:
             pass
         check_invariants(engine)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(operations, max_size=40))
+def test_observing_what_can_be_impaired_logs_what_observing_everything_logs(
+    ops: list[tuple[str, object, object]],
+) -> None:
+    clocks = ManualClock(), ManualClock()
+    engines = (
+        WorldEngine(small_world(), clock=clocks[0]),
+        FullyObservingEngine(small_world(), clock=clocks[1]),
+    )
+    for op, subject, arg in ops:
+        outcomes = []
+        for engine, clock in zip(engines, clocks, strict=True):
+            try:
+                apply(engine, clock, op, subject, arg)
+                outcomes.append("ok")
+            except EngineError as err:
+                outcomes.append(type(err).__name__)
+        assert outcomes[0] == outcomes[1]
+        assert engines[0].state == engines[1].state
+
+
+# --- indexes and inventory ------------------------------------------------------------------------
+
+
+def test_lists_keep_state_order_with_incoming_last(engine: WorldEngine, clock: ManualClock) -> None:
+    engine.migrate_vm("lb-c", "n4")
+    assert [(v.id, v.incoming) for v in engine.list_vms("n4")] == [
+        ("big", False),
+        ("lb-c", True),
+    ]
+    assert engine.node("n4").incoming_vm_ids == ["lb-c"]
+    clock.advance(1.0)
+    engine.tick()
+    # landed: listed where it stands in the state (before "big"), not where it arrived
+    assert [v.id for v in engine.list_vms("n4")] == ["lb-c", "big"]
+    assert engine.node("n4").vm_ids == ["lb-c", "big"]
+    assert engine.node("n3").vm_ids == ["loose"]
+    engine.check_indexes()
+
+
+def test_inventory_lists_every_node_or_some_with_their_vms(
+    engine: WorldEngine, clock: ManualClock
+) -> None:
+    everything = engine.inventory()
+    assert [n["id"] for n in everything] == NODE_IDS
+    n1 = everything[0]
+    assert {k: v for k, v in n1.items() if k != "vms"} == {
+        "id": "n1",
+        "failure_domain": "fd-1",
+        "vcpus": 8,
+        "ram_mb": 16384,
+        "power": "up",
+        "service_status": "enabled",
+        "maintenance_holder": None,
+    }
+    assert n1["vms"] == [
+        {"id": "as-a", "vnf_id": "vnf-as", "vcpus": 4, "ram_mb": 4096, "incoming": False},
+        {"id": "lb-a", "vnf_id": "vnf-lb", "vcpus": 2, "ram_mb": 2048, "incoming": False},
+    ]
+    assert [n["id"] for n in engine.inventory(["n4", "n2"])] == ["n4", "n2"]
+    with pytest.raises(NotFound):
+        engine.inventory(["n9"])
+    assert json.loads(engine.inventory_json()) == {"nodes": everything}
+    assert engine.inventory_json([]) == '{"nodes":[]}'
+    lines = engine.inventory_ndjson().splitlines()
+    assert [json.loads(line) for line in lines] == everything
+    assert engine.inventory_ndjson(["n3"]) == engine.inventory_json(["n3"])[10:-2] + "\n"
+    # every change shows in the next answer (the per-node cache is dropped when it changes)
+    engine.claim_maintenance("n1", "um-1")
+    engine.migrate_vm("loose", "n4")
+    engine.reboot_node("n2", duration_s=1.0)
+    after = {n["id"]: n for n in engine.inventory()}
+    assert after["n1"]["maintenance_holder"] == "um-1"
+    assert after["n1"]["service_status"] == "disabled"
+    assert after["n2"]["power"] == "rebooting"
+    assert [(v["id"], v["incoming"]) for v in after["n4"]["vms"]] == [
+        ("big", False),
+        ("loose", True),
+    ]
+    clock.advance(1.0)  # the migration lands and the reboot ends, inside the next call
+    landed = {n["id"]: n for n in engine.inventory()}
+    assert [v["id"] for v in landed["n3"]["vms"]] == ["lb-c"]
+    assert [(v["id"], v["incoming"]) for v in landed["n4"]["vms"]] == [
+        ("loose", False),
+        ("big", False),
+    ]
+    assert landed["n2"]["power"] == "up"
+    engine.release_maintenance("n1", "um-1")
+    engine.admin_disable("n3", "fan")
+    again = {n["id"]: n for n in engine.inventory()}
+    assert again["n1"]["maintenance_holder"] is None
+    assert again["n3"]["service_status"] == "disabled"
+    engine.check_indexes()
+
+
+def reference_plan_evacuation(state: WorldState, node_id: str) -> dict[str, str] | None:
+    """`plan_evacuation` as first written (a full rebuild per VM), to compare with."""
+    scratch = WorldState.model_construct(
+        nodes={
+            **state.nodes,
+            node_id: state.nodes[node_id].model_copy(
+                update={"maintenance_holder": "evacuation-plan"}
+            ),
+        },
+        vms={vm_id: vm.model_copy() for vm_id, vm in state.vms.items()},
+    )
+    plan: dict[str, str] = {}
+    on_node = [vm for vm in scratch.vms.values() if vm.node_id == node_id]
+    on_node.sort(key=lambda vm: (-vm.vcpus, -vm.ram_mb, vm.id))
+    for vm in on_node:
+        destinations = valid_destinations(scratch, vm)
+        if not destinations:
+            return None
+        plan[vm.id] = destinations[0]
+        vm.node_id = destinations[0]
+    return plan
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_plan_evacuation_plans_as_the_first_version_did(seed: int) -> None:
+    state = generate(nodes=8, failure_domains=2, seed=seed, spare_fraction=0.3)
+    for node_id in state.nodes:
+        expected = reference_plan_evacuation(state, node_id)
+        assert expected is not None
+        assert plan_evacuation(state, node_id) == expected
+    # some nodes unavailable, some migrations in flight: reservations and groups count
+    engine = WorldEngine(state, clock=lambda: T0)
+    engine.claim_maintenance("node-2", "um")
+    engine.admin_disable("node-5", None)
+    for vm_id in engine.node("node-2").vm_ids[:3]:
+        engine.migrate_vm(vm_id)
+    for node_id in state.nodes:
+        assert plan_evacuation(state, node_id) == reference_plan_evacuation(state, node_id)
