@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--world", help="simulated cloud URL (ESCALATOR_CLOUD_MANAGER_WORLD_URL)")
     parser.add_argument("--instance-id", help="this instance, as event producer")
+    parser.add_argument(
+        "--inventory-interval-s",
+        type=float,
+        help="inventory refresh period; 0 turns it off (ESCALATOR_CLOUD_MANAGER_INVENTORY_"
+        "INTERVAL_S, default 10)",
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -36,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "cloud manager",
         world_url=args.world,
         instance_id=args.instance_id,
+        inventory_interval_s=args.inventory_interval_s,
     )
     if settings is None:
         return 2
@@ -43,13 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(settings: Any) -> None:
-    from escalator.bus import EventPublisher, make_consumer, make_producer
+    from escalator.bus import EventPublisher, ensure_topics, make_consumer, make_producer
     from escalator.settings import KafkaSettings
     from escalator.world.client import WorldClient
+    from schemas.topics import CLOUD_COMMANDS, CLOUD_EVENTS, CLOUD_INVENTORY
     from services.cloud_manager.backends import WorldCloudBackend
     from services.cloud_manager.service import bootstrap
 
     kafka = KafkaSettings()
+    # The inventory topic is compacted: it must exist (created so) before anything is sent.
+    await ensure_topics(kafka, (CLOUD_COMMANDS, CLOUD_EVENTS, CLOUD_INVENTORY))
     producer = make_producer(kafka)
     consumer = make_consumer(kafka, settings.group_id)
     world = WorldClient(settings.world_url)

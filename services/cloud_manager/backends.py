@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from typing import NoReturn
+from collections.abc import Collection
+from typing import Any, NoReturn
 
 from escalator.world.client import WorldClient, WorldError
 from escalator.world.model import VmView
 from schemas.types import VmOnNode
-from services.cloud_manager.domain import VmLocation
+from services.cloud_manager.domain import NodeInventory, VmLocation
 from services.cloud_manager.ports import (
     ClaimRefused,
     CloudRefusal,
@@ -19,6 +21,11 @@ from services.cloud_manager.ports import (
     UnknownNode,
 )
 
+# Inventory answers bigger than this are parsed in a worker thread, off the event loop.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+VmKey = tuple[str, str | None, int, int, bool]
+
 
 class WorldCloudBackend:
     def __init__(
@@ -27,6 +34,41 @@ class WorldCloudBackend:
         self._world = world
         self._migration_timeout_s = migration_timeout_s
         self._poll_s = poll_s
+        self._vm_cache: dict[VmKey, VmOnNode] = {}
+
+    async def inventory(self, node_ids: Collection[str] | None = None) -> list[NodeInventory]:
+        """One `GET /v1/inventory` for every node (or the given ones)."""
+        try:
+            raw = await self._world.inventory_ndjson(node_ids)
+        except WorldError as err:
+            _raise_unavailable(err)
+            if err.status == 404:
+                raise UnknownNode(err.message) from err
+            raise CloudUnavailable(f"{err.status}: {err.message}") from err
+        complete = node_ids is None
+        try:
+            if len(raw) > PARSE_IN_THREAD_BYTES:
+                return await asyncio.to_thread(self._parse, raw, complete)
+            return self._parse(raw, complete)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CloudUnavailable(f"unreadable inventory from the world: {exc!r:.200}") from exc
+
+    def _parse(self, raw: bytes, complete: bool) -> list[NodeInventory]:
+        """The world's inventory (one node per line) as `NodeInventory`s, parsed line by line
+        so that a thread doing it lets the event loop run in between. Equal VMs are shared
+        between calls (at 200,000 VMs, building every `VmOnNode` anew would cost most of the
+        work, and shared instances make comparing with the last published inventory a matter
+        of identity)."""
+        cache = self._vm_cache
+        fresh: dict[VmKey, VmOnNode] = {} if complete else cache
+        listing = [
+            _node_inventory(json.loads(line), cache, fresh)
+            for line in raw.splitlines()
+            if line.strip()
+        ]
+        if complete:
+            self._vm_cache = fresh  # forget VMs that are gone or changed
+        return listing
 
     async def claim_maintenance(self, node_id: str, holder: str) -> str:
         try:
@@ -112,6 +154,31 @@ class WorldCloudBackend:
 def _raise_unavailable(err: WorldError) -> None:
     if err.status == 0 or err.status >= 500:
         raise CloudUnavailable(err.message) from err
+
+
+def _node_inventory(
+    node: dict[str, Any], cache: dict[VmKey, VmOnNode], fresh: dict[VmKey, VmOnNode]
+) -> NodeInventory:
+    vms: list[VmOnNode] = []
+    for vm in node["vms"]:
+        key: VmKey = (vm["id"], vm["vnf_id"], vm["vcpus"], vm["ram_mb"], vm["incoming"])
+        found = cache.get(key)
+        if found is None:
+            found = VmOnNode(
+                vm_id=key[0], vnf_id=key[1], vcpus=key[2], ram_mb=key[3], incoming=key[4]
+            )
+        fresh[key] = found
+        vms.append(found)
+    holder = node["maintenance_holder"]
+    return NodeInventory(
+        node_id=node["id"],
+        failure_domain=node["failure_domain"],
+        vcpus=node["vcpus"],
+        ram_mb=node["ram_mb"],
+        in_maintenance=holder is not None or node["service_status"] != "enabled",
+        maintenance_holder=holder,
+        vms=tuple(vms),
+    )
 
 
 def _location(vm: VmView) -> VmLocation:

@@ -19,17 +19,25 @@ rebuilds a recognisably identical reply. The rules make every command idempotent
   nobody holds it (released already) -> `Exited` again; another holder has it ->
   `NodeMaintenanceRefused(reason, current_holder)` answering the exit command.
 * `VmListRequested` -> `VmListReported`.
+
+The inventory (`NodeInventoryReported` on the compacted CLOUD_INVENTORY, one record per node)
+is built here too: `inventory_record` turns one node of the backend's listing into its record,
+`inventory_to_publish` picks the nodes whose content changed since they were last published,
+and `nodes_changed_by` names the nodes a reply says were changed (so that they are published
+again at once).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from schemas.envelope import Event, command_id
 from schemas.events import (
+    NodeInventoryReported,
     NodeMaintenanceEntered,
     NodeMaintenanceExited,
     NodeMaintenanceExitRequested,
@@ -86,6 +94,21 @@ class VmLocation:
     vm_id: str
     node_id: str
     migrating_to: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeInventory:
+    """One compute node as the backend lists it: capacity, failure domain, whether it takes
+    new VMs, who holds it, and its VMs followed by migrations under way toward it
+    (`incoming=True`). Equal values mean nothing to publish again."""
+
+    node_id: str
+    failure_domain: str
+    vcpus: int
+    ram_mb: int
+    in_maintenance: bool  # takes no new VM: held for maintenance, or its service is disabled
+    maintenance_holder: str | None
+    vms: tuple[VmOnNode, ...]
 
 
 # --- next steps ----------------------------------------------------------------------------
@@ -245,6 +268,49 @@ def _migration_failed(cmd: VmMigrationRequested, ctx: ReplyContext, reason: str)
             reason=reason,
         )
     )
+
+
+# --- inventory -----------------------------------------------------------------------------
+
+
+def inventory_record(node: NodeInventory, ctx: ReplyContext) -> NodeInventoryReported:
+    """The record of one node on CLOUD_INVENTORY (a fact of no campaign)."""
+    return NodeInventoryReported(
+        campaign_id=None,
+        producer=ctx.producer,
+        occurred_at=ctx.now,
+        node_id=node.node_id,
+        failure_domain=node.failure_domain,
+        vcpus=node.vcpus,
+        ram_mb=node.ram_mb,
+        in_maintenance=node.in_maintenance,
+        maintenance_holder=node.maintenance_holder,
+        vms=node.vms,
+    )
+
+
+def inventory_to_publish(
+    listing: Iterable[NodeInventory],
+    published: Mapping[str, NodeInventory],
+    *,
+    full: bool = False,
+) -> list[NodeInventory]:
+    """The nodes of `listing` to publish: those never published or whose content differs from
+    what was (every one when `full`), in listing order."""
+    if full:
+        return list(listing)
+    return [node for node in listing if published.get(node.node_id) != node]
+
+
+def nodes_changed_by(reply: Event) -> tuple[str, ...]:
+    """Nodes whose inventory the reply says changed: the node entering or leaving maintenance,
+    the source and destination of a migration."""
+    match reply:
+        case NodeMaintenanceEntered() | NodeMaintenanceExited():
+            return (reply.node_id,)
+        case VmMigrated():
+            return (reply.node_id, reply.destination_node_id)
+    return ()
 
 
 # --- envelope ------------------------------------------------------------------------------

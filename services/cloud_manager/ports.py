@@ -11,6 +11,11 @@ Shaped so that an OpenStack backend over openstacksdk fits it one call for one c
 - `migrate_vm`: `compute.live_migrate_server(server, host=destination, block_migration="auto")`,
   then poll `compute.get_server` until its status leaves MIGRATING.
 - `vm_location`, `wait_vm_settled`: `compute.get_server(id).compute_host` and its task state.
+- `inventory`: `compute.hypervisors(details=True)` (vcpus, memory), `compute.services(
+  binary="nova-compute")` (disabled, reason = holder), host aggregates or availability zones
+  (failure domain), `compute.servers(all_projects=True)` grouped by host, and
+  `compute.migrations(status="running")` for the incoming ones: a handful of list calls for the
+  whole cloud, never one per node.
 
 Refusals are typed exceptions (`CloudRefusal` subclasses), so that the service can tell "the
 cloud said no" (a reply) from "the cloud is unreachable" (`CloudUnavailable`: retry).
@@ -18,10 +23,11 @@ cloud said no" (a reply) from "the cloud is unreachable" (`CloudUnavailable`: re
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 from schemas.types import VmOnNode
-from services.cloud_manager.domain import VmLocation
+from services.cloud_manager.domain import NodeInventory, VmLocation
 
 
 class CloudError(Exception):
@@ -89,4 +95,11 @@ class CloudBackend(Protocol):
 
     async def wait_vm_settled(self, vm_id: str) -> VmLocation | None:
         """Wait until the VM is not migrating; returns where it is then."""
+        ...
+
+    async def inventory(self, node_ids: Collection[str] | None = None) -> list[NodeInventory]:
+        """Every compute node (or only `node_ids`), with its capacity, failure domain, whether
+        it takes new VMs, holder and VMs (migrations toward it last, `incoming=True`), in a
+        few calls for the whole cloud. Raises `CloudUnavailable`, or `UnknownNode` if one of
+        `node_ids` does not exist."""
         ...

@@ -9,6 +9,10 @@ background task so that one node's many migrations proceed side by side, ordered
 A cloud that cannot be reached is retried until it answers (or the service stops): answering
 "failed" because the API blinked would make the Upgrade Manager give up on a healthy node. A
 command the core cannot answer at all (listing an unknown node) is dead-lettered.
+
+Beside the commands, `InventoryReporter` publishes the inventory on CLOUD_INVENTORY (every node
+on start, the nodes a command changed right after its reply, changes found by a periodic
+refresh); see `inventory.py`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from schemas.events import (
 from schemas.topics import CLOUD_COMMANDS, CLOUD_EVENTS
 from services.cloud_manager import domain
 from services.cloud_manager.domain import ReplyContext
+from services.cloud_manager.inventory import InventoryReporter
 from services.cloud_manager.lanes import NodeLanes, wait_quietly
 from services.cloud_manager.ports import (
     ClaimRefused,
@@ -107,6 +112,14 @@ class CloudManagerService:
         self._lanes = NodeLanes()
         self._stop = asyncio.Event()
         self._loop: EventConsumer | None = None
+        self.inventory = InventoryReporter(
+            backend,
+            publisher,
+            producer=settings.instance_id,
+            interval_s=settings.inventory_interval_s,
+            full_every=settings.inventory_full_every,
+            clock=clock,
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -133,7 +146,12 @@ class CloudManagerService:
         )
         if self._stop.is_set():
             self._loop.request_stop()
-        await self._loop.run()
+        reporter = asyncio.create_task(self.inventory.run(), name="inventory")
+        try:
+            await self._loop.run()
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -175,6 +193,7 @@ class CloudManagerService:
             await self._dead_letter(cmd, info, f"{type(exc).__name__}: {exc}")
         else:
             await self._publish(reply)
+            self.inventory.touched(domain.nodes_changed_by(reply))
         await self.gate.release(tp, info.offset)
 
     async def _until_answered(self, cmd: AnyCommand) -> Event:

@@ -28,3 +28,15 @@ class CloudManagerSettings(BaseSettings):
         description="On a graceful stop, how long running commands are waited for; the rest "
         "stay uncommitted and are redone by the next owner.",
     )
+    inventory_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Period of the inventory refresh, which publishes the nodes whose content "
+        "changed; 0 turns it off (the inventory is still published on start and after every "
+        "change the Cloud Manager makes).",
+    )
+    inventory_full_every: int = Field(
+        default=30,
+        ge=1,
+        description="Every this many refreshes, every node is published again, changed or not.",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -15,8 +15,14 @@ from aiokafka.structs import TopicPartition
 
 from escalator.bus import EventPublisher
 from escalator.bus.offsets import CommitGate
+from escalator.settings import KafkaSettings
+from escalator.world.client import WorldError
+from escalator.world.engine import WorldEngine
+from escalator.world.errors import EngineError
+from escalator.world.scenario import generate
 from schemas.envelope import Event
 from schemas.events import (
+    NodeInventoryReported,
     NodeMaintenanceEntered,
     NodeMaintenanceExited,
     NodeMaintenanceExitRequested,
@@ -28,14 +34,17 @@ from schemas.events import (
     VmMigrationFailed,
     VmMigrationRequested,
 )
-from schemas.topics import CLOUD_EVENTS
+from schemas.topics import CLOUD_EVENTS, CLOUD_INVENTORY
 from schemas.types import VmOnNode
 from services.cloud_manager import domain
+from services.cloud_manager import inventory as inventory_module
+from services.cloud_manager.backends import WorldCloudBackend
 from services.cloud_manager.domain import (
     MAX_MIGRATION_ROUNDS,
     Claimed,
     ClaimRefused,
     ListVms,
+    NodeInventory,
     Released,
     ReleaseRefused,
     Reply,
@@ -44,6 +53,7 @@ from services.cloud_manager.domain import (
     VmLocation,
     WaitForMigration,
 )
+from services.cloud_manager.inventory import InventoryReporter
 from services.cloud_manager.lanes import NodeLanes
 from services.cloud_manager.ports import (
     ClaimRefused as ClaimRefusedError,
@@ -247,6 +257,8 @@ class FakeCloud:
         self.calls: list[str] = []
         self.unavailable = 0
         self.refuse_migration: str | None = None
+        self.inventory_unavailable = 0
+        self.inventory_calls: list[tuple[str, ...] | None] = []
 
     def _maybe_down(self) -> None:
         if self.unavailable > 0:
@@ -310,6 +322,31 @@ class FakeCloud:
         if vm is not None and vm.migrating_to is not None:
             vm = self.vms[vm_id] = VmLocation(vm_id, vm.migrating_to)
         return vm
+
+    async def inventory(self, node_ids: Collection[str] | None = None) -> list[NodeInventory]:
+        self.inventory_calls.append(None if node_ids is None else tuple(node_ids))
+        if self.inventory_unavailable > 0:
+            self.inventory_unavailable -= 1
+            raise CloudUnavailable("world unreachable")
+        for node_id in node_ids or ():
+            self._node(node_id)
+        return [
+            NodeInventory(
+                node_id=node_id,
+                failure_domain=f"fd-{i % 2}",
+                vcpus=8,
+                ram_mb=16384,
+                in_maintenance=self.holder[node_id] is not None or status == "disabled",
+                maintenance_holder=self.holder[node_id],
+                vms=tuple(
+                    VmOnNode(vm_id=vm.vm_id, vcpus=1, ram_mb=512)
+                    for vm in self.vms.values()
+                    if vm.node_id == node_id
+                ),
+            )
+            for i, (node_id, status) in enumerate(self.status.items())
+            if node_ids is None or node_id in node_ids
+        ]
 
 
 def service_over(cloud: FakeCloud) -> CloudManagerService:
@@ -560,3 +597,247 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unknown_ids_are_uuids() -> None:
     assert isinstance(domain.reply_id(claim(), "entered"), uuid.UUID)
+
+
+# --- the inventory -------------------------------------------------------------------------
+
+
+class WorldOverEngine:
+    """The part of `WorldClient` the inventory uses, answered by an in-process world engine."""
+
+    def __init__(self, engine: WorldEngine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    async def inventory_ndjson(self, node_ids: Collection[str] | None = None) -> bytes:
+        self.calls += 1
+        try:
+            wanted = None if node_ids is None else list(node_ids)
+            return self.engine.inventory_ndjson(wanted).encode()
+        except EngineError as err:  # as the HTTP API answers it
+            raise WorldError(err.status, err.message) from err
+
+
+def world_backend(engine: WorldEngine) -> tuple[WorldCloudBackend, WorldOverEngine]:
+    world = WorldOverEngine(engine)
+    return WorldCloudBackend(cast(Any, world)), world
+
+
+async def test_inventory_records_are_built_from_the_world_listing_in_one_call() -> None:
+    state = generate(nodes=6, failure_domains=2, seed=1)
+    engine = WorldEngine(state, clock=lambda: 1000.0)
+    backend, world = world_backend(engine)
+    engine.claim_maintenance("node-1", CAMPAIGN)
+    engine.admin_disable("node-2", "fan")
+    leaving = engine.list_vms("node-3")[0].id
+    toward = engine.migrate_vm(leaving, "node-4").migration_target
+    assert toward == "node-4"
+
+    listing = await backend.inventory()
+    assert world.calls == 1
+    assert [n.node_id for n in listing] == list(state.nodes)
+    by_id = {n.node_id: n for n in listing}
+    for node in state.nodes.values():
+        item = by_id[node.id]
+        assert (item.failure_domain, item.vcpus, item.ram_mb) == (
+            node.failure_domain,
+            node.vcpus,
+            node.ram_mb,
+        )
+        placed = [vm.vm_id for vm in item.vms if not vm.incoming]
+        assert placed == [vm.id for vm in state.vms.values() if vm.node_id == node.id]
+        assert sum(vm.vcpus for vm in item.vms) == engine.node(node.id).used_vcpus
+    assert by_id["node-1"].in_maintenance and by_id["node-1"].maintenance_holder == CAMPAIGN
+    # disabled by an administrator: takes no new VM, nobody holds it
+    assert by_id["node-2"].in_maintenance and by_id["node-2"].maintenance_holder is None
+    assert not by_id["node-5"].in_maintenance
+    # a migration under way: still on its source, incoming (listed last) on its destination
+    assert leaving in [vm.vm_id for vm in by_id["node-3"].vms if not vm.incoming]
+    assert by_id["node-4"].vms[-1].vm_id == leaving and by_id["node-4"].vms[-1].incoming
+    vm = state.vms[leaving]
+    assert by_id["node-4"].vms[-1] == VmOnNode(
+        vm_id=leaving, vnf_id=vm.vnf_id, vcpus=vm.vcpus, ram_mb=vm.ram_mb, incoming=True
+    )
+
+    record = domain.inventory_record(by_id["node-1"], CTX)
+    assert isinstance(record, NodeInventoryReported)
+    assert record.campaign_id is None and record.producer == CTX.producer
+    assert record.occurred_at == NOW
+    assert (record.node_id, record.failure_domain, record.vcpus, record.ram_mb) == (
+        "node-1",
+        state.nodes["node-1"].failure_domain,
+        state.nodes["node-1"].vcpus,
+        state.nodes["node-1"].ram_mb,
+    )
+    assert record.in_maintenance and record.maintenance_holder == CAMPAIGN
+    assert record.vms == by_id["node-1"].vms
+    assert CLOUD_INVENTORY.carries(record.event_type)
+    assert CLOUD_INVENTORY.key_for(record) == b"node-1"
+
+    # some nodes only, in the order asked; an unknown one is refused
+    some = await backend.inventory(["node-4", "node-2"])
+    assert [n.node_id for n in some] == ["node-4", "node-2"]
+    with pytest.raises(UnknownNode):
+        await backend.inventory(["node-404"])
+
+
+async def test_unchanged_nodes_compare_equal_and_changed_ones_do_not() -> None:
+    engine = WorldEngine(generate(nodes=6, failure_domains=2, seed=1), clock=lambda: 1000.0)
+    backend, _ = world_backend(engine)
+    first = await backend.inventory()
+    published = {n.node_id: n for n in first}
+    assert domain.inventory_to_publish(await backend.inventory(), published) == []
+    engine.claim_maintenance("node-2", CAMPAIGN)
+    changed = domain.inventory_to_publish(await backend.inventory(), published)
+    assert [n.node_id for n in changed] == ["node-2"]
+    full = domain.inventory_to_publish(await backend.inventory(), published, full=True)
+    assert [n.node_id for n in full] == list(published)
+    # a node never published is new
+    assert [n.node_id for n in domain.inventory_to_publish(first, {})] == list(published)
+
+
+def test_the_nodes_a_reply_changed() -> None:
+    entered = reply_of(domain.maintenance_entered(claim(), ListVms(NODE, "enabled"), [], CTX))
+    assert domain.nodes_changed_by(entered) == (NODE,)
+    exited = reply_of(domain.after_release(exit_(), Released("enabled"), CTX))
+    assert domain.nodes_changed_by(exited) == (NODE,)
+    moved = domain.migration_done(migration(), "compute-0-02", CTX).event
+    assert domain.nodes_changed_by(moved) == (NODE, "compute-0-02")
+    refused = reply_of(domain.after_claim(claim(), ClaimRefused("held", "x"), CTX))
+    assert domain.nodes_changed_by(refused) == ()
+    failed = reply_of(domain.next_migration_step(migration(), None, CTX))
+    assert domain.nodes_changed_by(failed) == ()
+
+
+class RecordingPublisher:
+    """`EventPublisher.publish_all` into a list; `fail` calls raise first."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Event]] = []
+        self.fail = 0
+        self.settings = KafkaSettings()
+
+    async def publish_all(self, events: Sequence[Event], spec: Any) -> list[Any]:
+        assert spec is CLOUD_INVENTORY
+        if self.fail:
+            self.fail -= 1
+            raise KafkaConnectionError("broker away")
+        self.batches.append(list(events))
+        return []
+
+    @property
+    def records(self) -> list[NodeInventoryReported]:
+        return [cast(NodeInventoryReported, e) for batch in self.batches for e in batch]
+
+    def nodes(self) -> list[str]:
+        return [r.node_id for r in self.records]
+
+
+def reporter_over(cloud: FakeCloud, publisher: RecordingPublisher, **kw: Any) -> InventoryReporter:
+    return InventoryReporter(
+        cloud,
+        cast(EventPublisher, publisher),
+        producer="cloud-manager/0",
+        clock=lambda: NOW,
+        **kw,
+    )
+
+
+async def wait_until(check: Any, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_reporter_publishes_all_then_touched_then_only_changes_then_all_again() -> None:
+    cloud, publisher = FakeCloud(), RecordingPublisher()
+    reporter = reporter_over(cloud, publisher, interval_s=0.05, full_every=4, batch=2)
+    task = asyncio.create_task(reporter.run())
+    try:
+        everyone = list(cloud.status)
+        await wait_until(lambda: len(publisher.records) >= 3)
+        assert publisher.nodes() == everyone  # on start: every node, in batches of 2
+        assert [len(b) for b in publisher.batches] == [2, 1]
+        assert all(
+            r.campaign_id is None and r.producer == "cloud-manager/0" for r in publisher.records
+        )
+
+        # a claim by the Cloud Manager: the node is published at once, alone
+        await cloud.claim_maintenance(NODE, CAMPAIGN)
+        reporter.touched([NODE])
+        await wait_until(lambda: len(publisher.records) >= 4)
+        assert publisher.records[3].node_id == NODE and publisher.records[3].in_maintenance
+        assert cloud.inventory_calls[1] == (NODE,)
+
+        # a change nobody told us about is found by a refresh; unchanged nodes are not sent
+        cloud.vms["vm-b"] = VmLocation("vm-b", "compute-0-02")
+        await wait_until(lambda: "compute-0-02" in publisher.nodes()[4:])
+        later = publisher.records[4:]
+        assert [r.node_id for r in later][:1] == ["compute-0-02"]
+        assert [vm.vm_id for vm in later[0].vms] == ["vm-b"]
+        # every 4th refresh publishes every node again
+        await wait_until(lambda: publisher.nodes()[5:].count("compute-0-03") >= 1)
+        assert set(publisher.nodes()[5:]) == set(everyone)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_reporter_survives_an_unreachable_cloud_and_a_refusing_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inventory_module, "RETRY_BACKOFF_S", 0.01)
+    cloud, publisher = FakeCloud(), RecordingPublisher()
+    cloud.inventory_unavailable = 2
+    publisher.fail = 1
+    reporter = reporter_over(cloud, publisher, interval_s=0)  # no periodic refresh
+    task = asyncio.create_task(reporter.run())
+    try:
+        await wait_until(lambda: len(publisher.records) == 3)
+        assert reporter.failures == 3 and not task.done()
+        assert publisher.nodes() == list(cloud.status)
+        # touched nodes while the cloud is away are published once it is back
+        cloud.inventory_unavailable = 1
+        reporter.touched([NODE, "compute-0-02"])
+        await wait_until(lambda: len(publisher.records) == 5)
+        assert sorted(publisher.nodes()[3:]) == [NODE, "compute-0-02"]
+        await asyncio.sleep(0.1)
+        assert len(publisher.records) == 5  # and nothing periodic with interval 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_commands_are_answered_while_the_inventory_cannot_be_listed() -> None:
+    cloud = FakeCloud()
+    cloud.inventory_unavailable = 10**6
+    publisher = RecordingPublisher()
+    service = CloudManagerService(
+        CloudManagerSettings(inventory_interval_s=0.01),
+        backend=cloud,
+        consumer=cast(GroupConsumer, None),
+        publisher=cast(EventPublisher, publisher),
+        clock=lambda: NOW,
+    )
+    task = asyncio.create_task(service.inventory.run())
+    try:
+        await wait_until(lambda: service.inventory.failures >= 2)
+        entered = await asyncio.wait_for(service.reply_to(claim()), 1.0)
+        assert isinstance(entered, NodeMaintenanceEntered)
+        assert not task.done() and publisher.records == []
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_inventory_settings_default_and_read_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = CloudManagerSettings()
+    assert (defaults.inventory_interval_s, defaults.inventory_full_every) == (10.0, 30)
+    monkeypatch.setenv("ESCALATOR_CLOUD_MANAGER_INVENTORY_INTERVAL_S", "0")
+    assert CloudManagerSettings().inventory_interval_s == 0
+    monkeypatch.setenv("ESCALATOR_CLOUD_MANAGER_INVENTORY_INTERVAL_S", "-1")
+    with pytest.raises(ValueError):
+        CloudManagerSettings()
