@@ -33,6 +33,11 @@ class DemoOptions:
     seed: int = 0
     speed: float = 4.0
     max_parallel: int = 1
+    # Fill the generated cloud only down to this fraction of free capacity (None: about one
+    # node's worth of room, which lets one node at a time evacuate).
+    spare_fraction: float | None = None
+    # A saved world (e.g. bench/scenarios/standard.json) instead of a generated one.
+    scenario: Path | None = None
     vnfm_timeout_s: float = 20.0
     version: str = "2.0.0"
     timeout_s: float = 900.0
@@ -60,21 +65,15 @@ class Deployment:
 
     def start_world(self) -> str:
         o = self.options
+        if o.scenario is not None:
+            shape = ["--scenario", str(o.scenario)]
+        else:
+            shape = ["--nodes", str(o.nodes), "--domains", str(o.domains), "--seed", str(o.seed)]
+            if o.spare_fraction is not None:
+                shape += ["--spare-fraction", str(o.spare_fraction)]
         match = self.group.spawn(
             "world",
-            python_module(
-                "escalator.world",
-                "--port",
-                "0",
-                "--nodes",
-                str(o.nodes),
-                "--domains",
-                str(o.domains),
-                "--seed",
-                str(o.seed),
-                "--speed",
-                str(o.speed),
-            ),
+            python_module("escalator.world", "--port", "0", "--speed", str(o.speed), *shape),
             wait_for=r"world listening on (http://\S+)",
         )
         assert not isinstance(match, type(None))

@@ -63,7 +63,8 @@ def vnf_hosts(before: WorldSnapshot) -> dict[str, set[str]]:
 
 
 async def test_parallel_batches_keep_every_budget(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=9, domains=3, seed=4, speed=20)
+    # Room for several nodes' VMs at once: the planner only starts nodes whose every VM fits.
+    d: E2EDeployment = deploy(nodes=9, domains=3, seed=4, speed=20, spare_fraction=0.35)
     before = await d.prepare()
     view = await d.run_campaign(campaign_id, max_parallel=9)
     after = await d.snapshot()
@@ -92,10 +93,10 @@ async def test_parallel_batches_keep_every_budget(deploy, campaign_id: str) -> N
 
 
 async def test_failure_domain_limit_is_kept(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=6, domains=2, seed=0, speed=20)
+    d: E2EDeployment = deploy(nodes=9, domains=3, seed=4, speed=20, spare_fraction=0.35)
     before = await d.prepare()
     view = await d.run_campaign(
-        campaign_id, max_parallel=6, extra=("--max-per-failure-domain", "1")
+        campaign_id, max_parallel=9, extra=("--max-per-failure-domain", "1")
     )
     after = await d.snapshot()
     assert_clean_finish(view, before, after, context=d.logs())
