@@ -106,9 +106,10 @@ class Forecast:
     never: Mapping[str, Impossible]
     # The most nodes of the campaign in their cycle at once.
     max_in_maintenance: int
-    # Nodes never started although not impossible in principle: nothing was running, nothing
-    # could start and no wait was to end (a planner bug, a node already in maintenance outside
-    # the campaign, a VNF whose other members are held down, or the window closed).
+    # Nodes never started although not impossible at first: nothing was running, nothing could
+    # start and no wait was to end. Causes: a node (or other members of one of its VNFs) held in
+    # maintenance outside the campaign, the window closed, or migrated VMs, which land for good,
+    # took the room the node needed (the greedy order cannot undo that); else a planner bug.
     stalled: tuple[str, ...]
 
 
@@ -346,15 +347,17 @@ def lower_bound(
     1. The longest cycle: max d_i.
     2. Parallelism. At most k nodes are in their cycle at once, k = the least of max_parallel,
        the sum over failure domains of min(max_per_failure_domain, its nodes), and the capacity
-       limit: with F the free room (vCPUs, and RAM, alike) of every node not held in
-       maintenance outside the campaign, the load those nodes carry is constant (VMs move
-       between them only) and must fit on the ones in service, so the nodes C in their cycle
-       satisfy sum(capacity(C)) <= F: |C| is at most the largest number of the smallest
-       capacities that sum to <= F. Intervals that overlap at most k at a time can be given k
-       "machines" (interval graphs are perfect), so the bounds of k identical machines hold:
-       sum(d) / k, and for every m the ceil(m / k) shortest among the m longest cycles, which
-       some machine runs one after the other. The same per failure domain with
-       min(max_per_failure_domain, k) machines.
+       limit: let F be the free room (vCPUs, and RAM, alike) of the nodes not held in
+       maintenance outside the campaign, an overcommitted node counting 0. The VMs of the nodes
+       C in their cycle fit in the free room of the others, so load(C) + free(C) <= F, hence
+       sum(capacity(C)) <= F (capacity <= load + free, with free counted as above). F never
+       grows: VMs move only between those nodes, to nodes with room, so their total free room
+       is constant and only the overcommitted part can shrink. |C| is then at most the largest
+       number of the smallest capacities that sum to <= F. Intervals that overlap at most k at
+       a time can be given k "machines" (interval graphs are perfect), so the bounds of k
+       identical machines hold: sum(d) / k, and for every m the ceil(m / k) shortest among the
+       m longest cycles, which some machine runs one after the other. The same per failure
+       domain with min(max_per_failure_domain, k) machines.
     3. Room over time: integrating sum(capacity(C(t))) <= F over the makespan T gives
        sum(capacity_i * d_i) <= F * T, for vCPUs and for RAM.
     4. Per VNF, with t its tolerated impacts less its members on nodes held in maintenance
@@ -452,7 +455,10 @@ def _capacity_limit(cloud: Cloud, hosts: Sequence[Host]) -> tuple[int, tuple[int
     """The most campaign nodes that can be out of service at once for capacity, and the free
     room (vCPUs, RAM) of every node not held in maintenance outside the campaign."""
     in_service = [h for h in cloud.hosts.values() if not h.in_maintenance]
-    spare = (sum(h.free_vcpus for h in in_service), sum(h.free_ram_mb for h in in_service))
+    spare = (
+        sum(max(0, h.free_vcpus) for h in in_service),
+        sum(max(0, h.free_ram_mb) for h in in_service),
+    )
     limit = len(hosts)
     for resource, free in enumerate(spare):
         count, total = 0, 0

@@ -24,6 +24,7 @@ holds back the ones after it: a slow or failed node costs its own slot, nothing 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -267,14 +268,23 @@ class _Capacity:
     def __init__(self, cloud: Cloud, unavailable: set[str]) -> None:
         self.cloud = cloud
         self.free: dict[str, tuple[int, int]] = {}
-        # A max-heap on free vCPUs (worst fit spreads load, keeping room for later batches).
-        self.heap: list[tuple[int, int, str]] = []
+        # Best fit: hosts by free vCPUs (`rooms`, ascending), each bucket a heap on free RAM.
+        # Putting each VM in the tightest room that takes it keeps the large rooms whole for
+        # the large VMs, which is what lets the most nodes out of service at once. Entries
+        # whose host has changed since are stale and dropped when met.
+        self.buckets: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        free = self.free
+        buckets = self.buckets
         for node_id, host in cloud.hosts.items():
-            if node_id in unavailable or host.in_maintenance:
+            if host.in_maintenance or node_id in unavailable:
                 continue
-            self.free[node_id] = (host.free_vcpus, host.free_ram_mb)
-            self.heap.append((-host.free_vcpus, -host.free_ram_mb, node_id))
-        heapq.heapify(self.heap)
+            cpu = host.vcpus - host.used_vcpus
+            ram = host.ram_mb - host.used_ram_mb
+            free[node_id] = (cpu, ram)
+            buckets[cpu].append((ram, node_id))
+        for bucket in buckets.values():
+            heapq.heapify(bucket)
+        self.rooms: list[int] = sorted(self.buckets)
         # Per host, the VNF members placed on it during this step (for anti-affinity).
         self.added: dict[str, dict[str, int]] = {}
         # vm id -> destination, and destination -> the VMs placed there, in this step.
@@ -282,21 +292,29 @@ class _Capacity:
         self.on_host: dict[str, list[VmLoad]] = {}
 
     def reserve_in_cycle(self, in_cycle: Iterable[str], rules: Mapping[str, VnfRule]) -> bool:
-        """Room for the VMs still on the campaign's nodes in their cycle: any may be migrated."""
-        fits = True
+        """Room for the VMs still on the campaign's nodes in their cycle: any may be migrated.
+        All of them at once, largest first (best fit decreasing packs tighter than node by
+        node)."""
+        vms = [
+            vm
+            for node_id in sorted(in_cycle)
+            if (host := self.cloud.hosts.get(node_id)) is not None
+            for vm in host.vms
+        ]
+        if self.place(vms, rules):
+            return True
+        # Node by node, so that what fits is reserved (the step will start nothing anyway).
         for node_id in sorted(in_cycle):
             host = self.cloud.hosts.get(node_id)
-            if host is None or not host.vms:
-                continue
-            if not self.place(host.vms, rules):
-                fits = False
-        return fits
+            if host is not None and host.vms:
+                self.place(host.vms, rules)
+        return False
 
     def take(self, host: Host, rules: Mapping[str, VnfRule]) -> bool:
         """The node leaves service for the step if its VMs, and the VMs placed on it earlier in
         the step, all fit on the hosts left; otherwise nothing changes and it stays a host."""
         node_id = host.node_id
-        room = self.free.pop(node_id, None)  # its heap entry goes stale
+        room = self.free.pop(node_id, None)  # its bucket entry goes stale
         handed_on = self.on_host.pop(node_id, [])
         members = self.added.pop(node_id, None)
         if self.place([*handed_on, *host.vms], rules):
@@ -348,25 +366,34 @@ class _Capacity:
         return self.added.get(node_id, {}).get(vnf_id, 0) == 0
 
     def _pick(self, vm: VmLoad, rules: Mapping[str, VnfRule]) -> str | None:
-        set_aside: list[tuple[int, int, str]] = []
+        """The host with the least free vCPUs, then RAM, that takes the VM; reserved."""
         found: str | None = None
-        while self.heap:
-            neg_cpu, neg_ram, node_id = heapq.heappop(self.heap)
-            free = self.free.get(node_id)
-            if free is None or free != (-neg_cpu, -neg_ram):
-                continue  # stale: withdrawn, or re-pushed with its new room
-            if free[0] < vm.vcpus:
-                set_aside.append((neg_cpu, neg_ram, node_id))
-                break  # the heap's largest vCPU room is too small: nothing fits
-            if free[1] >= vm.ram_mb and self._separated(node_id, vm.vnf_id, rules):
-                found = node_id
-                break
-            set_aside.append((neg_cpu, neg_ram, node_id))
-        for entry in set_aside:
-            heapq.heappush(self.heap, entry)
+        rooms, buckets, free = self.rooms, self.buckets, self.free
+        pop, push = heapq.heappop, heapq.heappush
+        index = bisect.bisect_left(rooms, vm.vcpus)
+        while index < len(rooms) and found is None:
+            cpu = rooms[index]
+            bucket = buckets[cpu]
+            set_aside: list[tuple[int, str]] = []
+            while bucket:
+                entry = pop(bucket)
+                ram, node_id = entry
+                if free.get(node_id) != (cpu, ram):
+                    continue  # stale: withdrawn, or moved to another bucket
+                if ram >= vm.ram_mb and self._separated(node_id, vm.vnf_id, rules):
+                    found = node_id  # its room changes: `_set` files it anew
+                    break
+                set_aside.append(entry)
+            for entry in set_aside:
+                push(bucket, entry)
+            if bucket:
+                index += 1
+            else:
+                del buckets[cpu]
+                del rooms[index]
         if found is None:
             return None
-        cpu, ram = self.free[found]
+        cpu, ram = free[found]
         self._set(found, cpu - vm.vcpus, ram - vm.ram_mb)
         if vm.vnf_id is not None:
             members = self.added.setdefault(found, {})
@@ -384,7 +411,9 @@ class _Capacity:
 
     def _set(self, node_id: str, cpu: int, ram: int) -> None:
         self.free[node_id] = (cpu, ram)
-        heapq.heappush(self.heap, (-cpu, -ram, node_id))
+        if cpu not in self.buckets:
+            bisect.insort(self.rooms, cpu)
+        heapq.heappush(self.buckets[cpu], (ram, node_id))
 
 
 def plan_step(
