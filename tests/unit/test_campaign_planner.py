@@ -191,3 +191,30 @@ def test_capacity_serialises_where_it_must() -> None:
     assert len(claimed(d)) == 1
     waiting = next(n for n in ("a", "b") if n not in claimed(d))
     assert waiting_detail(d, waiting).startswith("waiting (capacity)")
+
+
+def test_a_re_admitted_quarantined_node_starts_and_its_partner_waits_for_it() -> None:
+    from core_harness import CAMPAIGN
+
+    from schemas.events import NodeRetryRequested
+
+    d = planned()
+    d.start(max_parallel=4)
+    first = next(n for n in claimed(d) if n in ("n1", "n2"))
+    partner = "n2" if first == "n1" else "n1"
+    assert d.cloud is not None
+    host = d.cloud.hosts[first]
+    # What the Cloud Manager's inventory says from the claim on: held by this campaign.
+    d.cloud.put(
+        Host.of(first, host.failure_domain, host.vcpus, host.ram_mb, host.vms, True, CAMPAIGN)
+    )
+    d.enter(first, [])
+    upgrade = d.latest(NodeUpgradeRequested, first)
+    d.feed(reply(upgrade, NodeUpgradeFailed, node_id=first, reason="disk", attempt=1))
+    assert d.step(first) is NodeStep.FAILED
+    d.tick(30)
+    assert partner not in claimed(d), "the pair's other member is down on the quarantined node"
+    assert waiting_detail(d, partner).startswith("waiting (vnf_budget)")
+    d.feed(NodeRetryRequested(campaign_id=CAMPAIGN, producer="operator-cli", node_id=first))
+    assert claimed(d).count(first) == 2, "the re-admitted node is claimed again"
+    assert partner not in claimed(d)

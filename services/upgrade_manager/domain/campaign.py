@@ -397,6 +397,7 @@ def planner_progress(campaign: CampaignRecord, ctx: Context) -> Progress:
         failed=campaign.failed,
         canary_finished_at=campaign.canary_finished_at,
         released_at=released,
+        campaign_id=campaign.campaign_id,
     )
 
 

@@ -56,6 +56,8 @@ class Host:
     in_maintenance: bool = False
     used_vcpus: int = 0
     used_ram_mb: int = 0
+    # Who holds the node in maintenance (a campaign id, or an admin), if anyone.
+    holder: str | None = None
 
     @classmethod
     def of(
@@ -66,6 +68,7 @@ class Host:
         ram_mb: int,
         vms: Iterable[VmLoad],
         in_maintenance: bool = False,
+        holder: str | None = None,
     ) -> Host:
         loads = tuple(vms)
         return cls(
@@ -77,6 +80,7 @@ class Host:
             in_maintenance,
             sum(vm.vcpus for vm in loads),
             sum(vm.ram_mb for vm in loads),
+            holder,
         )
 
     @classmethod
@@ -88,6 +92,7 @@ class Host:
             report.ram_mb,
             (VmLoad(vm.vm_id, vm.vnf_id, vm.vcpus, vm.ram_mb) for vm in report.vms),
             report.in_maintenance,
+            report.maintenance_holder,
         )
 
     @property
@@ -221,6 +226,9 @@ class Progress:
     canary_finished_at: datetime | None = None
     # Nodes that left maintenance recently, and when: their VNFs wait min_recovery_s.
     released_at: Mapping[str, datetime] = field(default_factory=dict)
+    # The campaign planned for: a node it still holds in maintenance (quarantined, then
+    # re-admitted by an operator) is a candidate, not a node "in maintenance outside".
+    campaign_id: str | None = None
 
 
 class Blocker(StrEnum):
@@ -477,6 +485,15 @@ def plan_step(
         slots = min(slots, limits.canary_nodes - progress.started)
 
     unavailable: set[str] = {n for n, h in cloud.hosts.items() if h.in_maintenance}
+    # Held by this campaign but in no cycle: quarantined nodes. Their VNF members are down (so
+    # counted as impacted below); re-admitted, they may start again without counting twice.
+    held_here = {
+        n
+        for n in unavailable
+        if progress.campaign_id is not None
+        and cloud.hosts[n].holder == progress.campaign_id
+        and n not in progress.in_cycle
+    }
     unavailable |= progress.in_cycle
     impacted: dict[str, int] = defaultdict(int)  # VNF -> members on unavailable hosts
     for node_id in unavailable:
@@ -513,8 +530,11 @@ def plan_step(
         if scan_budget is not None and passed_over >= scan_budget and not explain:
             return PlanStep(tuple(start), placements(), blocked, len(candidates) - index)
         host = cloud.hosts.get(node_id)
-        reason = _first_blocker(host, node_id, rules, limits, per_domain, impacted, recovering, now)
-        if reason is None and node_id in unavailable:
+        held = node_id in held_here
+        reason = _first_blocker(
+            host, node_id, rules, limits, per_domain, impacted, recovering, now, held=held
+        )
+        if reason is None and node_id in unavailable and not held:
             # Already in its cycle, or named twice: it is not a candidate any more.
             reason = Blocked(Blocker.IN_MAINTENANCE, "already in its cycle in this campaign")
         if reason is None and host is not None:
@@ -539,8 +559,11 @@ def plan_step(
         assert host is not None
         start.append(node_id)
         slots -= 1
-        unavailable.add(node_id)
         per_domain[host.failure_domain] += 1
+        if held:
+            held_here.discard(node_id)  # its members are counted as impacted already
+            continue
+        unavailable.add(node_id)
         for vnf_id, count in cloud.vnf_members_on(host).items():
             impacted[vnf_id] += count
     return PlanStep(tuple(start), placements(), blocked, 0)
@@ -555,11 +578,16 @@ def _first_blocker(
     impacted: Mapping[str, int],
     recovering: Mapping[str, datetime],
     now: datetime,
+    *,
+    held: bool = False,
 ) -> Blocked | None:
+    """The first constraint that keeps the node from starting; `held`: this campaign already
+    holds it in maintenance, so its own members are among the impacted ones."""
     if host is None:
         return Blocked(Blocker.NO_INVENTORY, "the Cloud Manager has not reported this node yet")
-    if host.in_maintenance:
-        return Blocked(Blocker.IN_MAINTENANCE, "already in maintenance outside this campaign")
+    if host.in_maintenance and not held:
+        who = f" (held by {host.holder})" if host.holder else ""
+        return Blocked(Blocker.IN_MAINTENANCE, f"already in maintenance outside this campaign{who}")
     if (
         limits.max_per_failure_domain is not None
         and per_domain.get(host.failure_domain, 0) >= limits.max_per_failure_domain
@@ -577,8 +605,8 @@ def _first_blocker(
         rule = rules.get(vnf_id)
         if rule is None:
             continue  # not in the registry: the VIM migrates its VMs, no budget to keep
-        if impacted.get(vnf_id, 0) + members[vnf_id] > rule.tolerated:
-            down = impacted.get(vnf_id, 0)
+        down = impacted.get(vnf_id, 0) - (members[vnf_id] if held else 0)
+        if down + members[vnf_id] > rule.tolerated:
             return Blocked(
                 Blocker.VNF_BUDGET,
                 f"{vnf_id}: {down} of {rule.members} member(s) already impacted, "

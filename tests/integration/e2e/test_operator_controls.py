@@ -104,30 +104,51 @@ async def test_second_campaign_on_a_held_node_is_rejected(deploy, campaign_id: s
 
 
 async def test_retry_re_admits_a_quarantined_node(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=2, domains=2, seed=3, speed=20)
+    d: E2EDeployment = deploy(nodes=3, domains=3, seed=0, speed=20)
     before = await d.prepare()
     victim = before.nodes[0].id
+    partners = {
+        vm.node_id
+        for vm in before.vms
+        if vm.vnf_id in {v.vnf_id for v in before.vms if v.node_id == victim}
+    } - {victim}
+    assert partners, "the victim shares no VNF with another node"
     async with WorldClient(d.world_url) as world:
         # More failures than the agent retries: the node ends up failed and quarantined.
         await world.inject_faults(victim, fail_next_upgrades=10)
-    view = await d.run_campaign(campaign_id, max_parallel=1)
-    assert view.state == "completed"
-    assert view.nodes[victim].step.value == "failed", view.nodes[victim].detail
+    await d.start_campaign(campaign_id, max_parallel=1)
+
+    async def quarantined() -> bool:
+        status = await d.status_json(campaign_id)
+        steps = {n["node_id"]: n for n in status["node_states"]}
+        return victim in steps and steps[victim]["step"] == "failed"
+
+    await wait_until(quarantined, timeout_s=90)
     async with WorldClient(d.world_url) as world:
         node = await world.node(victim)
         assert node.maintenance_holder == campaign_id, "a failed node stays quarantined"
         await world.inject_faults(victim, fail_next_upgrades=0)
+
+    # While the victim is down, the nodes sharing a VNF with it must wait (a member of each of
+    # those VNFs is down already), and say so.
+    async def partners_held() -> bool:
+        status = await d.status_json(campaign_id)
+        steps = {n["node_id"]: n for n in status["node_states"]}
+        return all(steps[p]["detail"].startswith("waiting (vnf_budget)") for p in partners)
+
+    await wait_until(partners_held, timeout_s=30)
+    events = await d.campaign_events(campaign_id)
+    claimed = {e.node_id for e in of_type(events, "NodeMaintenanceRequested")}  # type: ignore[attr-defined]
+    assert not claimed & partners, f"a partner of the quarantined node started: {claimed}"
+
     code, out, err = await d.cli("retry", campaign_id, "--node", victim)
     assert code == 0, f"{out}\n{err}"
-
-    async def upgraded() -> bool:
-        async with WorldClient(d.world_url) as world:
-            node = await world.node(victim)
-        return node.installed_version == TARGET and node.maintenance_holder is None
-
-    await wait_until(upgraded, timeout_s=90)
-    status = await d.status_json(campaign_id)
-    assert status["nodes"]["upgraded"] == 2, status
+    view = await d.follow_campaign(campaign_id)
+    after = await d.snapshot()
+    assert view.state == "completed", view.reason
+    assert {n.installed_version for n in after.nodes} == {TARGET}
+    assert not [n.id for n in after.nodes if n.maintenance_holder]
+    assert not after.interruptions
     events = for_node(await d.campaign_events(campaign_id), victim)
     assert len(of_type(events, "NodeUpgradeRequested")) >= 2
     code, out, _ = await d.cli("retry", campaign_id, "--node", victim)
