@@ -128,6 +128,9 @@ async def publish_registry_from_world(
 
     async with WorldClient(world_url) as world:
         vnfs = await world.vnfs()
+        # The world's durations are nominal and divided by its speed; the registry speaks in
+        # the real seconds the services wait.
+        speed = float((await world.healthz()).get("speed", 1.0)) or 1.0
     profiles = [
         VnfProfile(
             vnf_id=v.id,
@@ -136,7 +139,7 @@ async def publish_registry_from_world(
             members=tuple(v.members),
             min_in_service=v.min_in_service,
             max_unavailable=v.max_unavailable,
-            min_recovery_s=v.min_recovery_s,
+            min_recovery_s=v.min_recovery_s / speed,
             # The world puts every VNF's members in one anti-affinity server group.
             anti_affinity=True,
         )

@@ -138,7 +138,8 @@ def _engine(request: web.Request) -> WorldEngine:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "now": _engine(request).now})
+    engine = _engine(request)
+    return _json({"status": "ok", "now": engine.now, "speed": engine.speed})
 
 
 async def snapshot(request: web.Request) -> web.Response:

@@ -224,7 +224,7 @@ def test_timings_can_be_overridden_down_to_zero() -> None:
     assert same is state
     fast = with_timings(state, migration_s=0, reboot_s=0.0, resync_s=0)
     assert fast.timings == Timings(migration_s=0, reboot_s=0, resync_s=0)
-    assert state.timings == Timings()  # the original is left alone
+    assert state.timings == Timings(migration_s=20.0, reboot_s=240.0, resync_s=30.0)  # the original is left alone
     for vnf in fast.vnfs.values():
         if vnf.redundancy == "active_standby":
             assert vnf.min_recovery_s == 0
@@ -298,7 +298,7 @@ def test_the_standard_scenario() -> None:
     state = load_state(SCENARIOS / "standard.json")
     assert len(state.nodes) == 100
     assert {n.failure_domain for n in state.nodes.values()} == {"fd-1", "fd-2", "fd-3"}
-    assert state.timings == Timings()
+    assert state.timings == Timings(migration_s=20.0, reboot_s=240.0, resync_s=30.0)
     kinds = [v.redundancy for v in state.vnfs.values()]
     assert kinds.count("active_standby") > 50 and kinds.count("load_balanced") > 50
     assert any(vm.vnf_id is None for vm in state.vms.values())
