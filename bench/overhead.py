@@ -42,6 +42,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from bench.common import BenchContext, Row, percentile, rounded
@@ -90,6 +91,7 @@ class Observed:
     record_ts: float  # the Kafka record's timestamp (CreateTime, ms resolution), in seconds
     topic: str = ""
     detail: str = ""  # NodeCycleAdvanced: its step
+    size: tuple[int, int] = (0, 0)  # VnfMaintenanceNotified: (VNFs, VMs) it names
 
     @property
     def service(self) -> str:
@@ -105,6 +107,8 @@ def observed_from(event: Any, topic: str, record_ts_ms: int) -> Observed:
     occurred: datetime = event.occurred_at
     node = getattr(event, "node_id", None)
     step = getattr(event, "step", None)
+    vnfs = getattr(event, "vnfs", None) if event.event_type == "VnfMaintenanceNotified" else None
+    size = (len(vnfs), sum(len(v.vm_ids) for v in vnfs)) if vnfs else (0, 0)
     return Observed(
         event_id=str(event.event_id),
         event_type=event.event_type,
@@ -115,6 +119,7 @@ def observed_from(event: Any, topic: str, record_ts_ms: int) -> Observed:
         record_ts=record_ts_ms / 1000,
         topic=topic,
         detail=str(getattr(step, "value", step)) if step is not None else "",
+        size=size,
     )
 
 
@@ -328,6 +333,61 @@ def hop_breakdown(cycles: Sequence[Cycle]) -> list[dict[str, Any]]:
         }
         for label in sorted(waits, key=lambda k: position[k])
     ]
+
+
+def time_by_service(cycles: Sequence[Cycle]) -> dict[str, float]:
+    """Median over cycles of the time each service's hops on the critical path took
+    (`wait_ms` of the hops whose effect it produced), largest first."""
+    per_cycle: list[dict[str, float]] = []
+    for cycle in cycles:
+        spent: dict[str, float] = defaultdict(float)
+        for cause, effect in itertools.pairwise(cycle.path):
+            if cause.service != effect.service:
+                spent[effect.service] += (effect.occurred_at - cause.record_ts) * 1000
+        per_cycle.append(spent)
+    services = {name for spent in per_cycle for name in spent}
+    medians = {
+        name: rounded(percentile([spent.get(name, 0.0) for spent in per_cycle], 50))
+        for name in services
+    }
+    return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
+
+
+def inputs_per_cycle(
+    cycles: Sequence[Cycle], consumers: Mapping[str, frozenset[str]], service: str
+) -> float | None:
+    """Median number of events of a cycle that `service` consumes from other services: each is
+    one record it handles, on the critical path or not (e.g. the agent's progress reports)."""
+    counts = [
+        sum(
+            1
+            for e in c.events
+            if e.service != service and service in consumers.get(e.topic, frozenset())
+        )
+        for c in cycles
+    ]
+    return percentile(counts, 50) if counts else None
+
+
+def log_line(path: Path, pattern: str) -> str | None:
+    """The last line of a log matching `pattern` (a service's own summary), if any."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line for line in lines if re.search(pattern, line)]
+    return found[-1] if found else None
+
+
+def notice_sizes(events: Iterable[Observed]) -> dict[str, Any]:
+    sizes = [e.size for e in events if e.event_type == "VnfMaintenanceNotified"]
+    if not sizes:
+        return {}
+    return {
+        "notices": len(sizes),
+        "notice_vnfs_p50": percentile([v for v, _ in sizes], 50),
+        "notice_vms_p50": percentile([m for _, m in sizes], 50),
+    }
 
 
 def summarize(
@@ -638,13 +698,19 @@ async def _create_topics(settings: Any, names: Sequence[str]) -> None:
     await asyncio.sleep(0.5)  # leaders elected
 
 
-async def pong(settings: Any, inbound: str, outbound: str, total: int) -> None:
+def _producer_overrides(linger_ms: int | None) -> dict[str, Any]:
+    return {} if linger_ms is None else {"linger_ms": linger_ms}
+
+
+async def pong(
+    settings: Any, inbound: str, outbound: str, total: int, linger_ms: int | None = None
+) -> None:
     """The far side: send every record it reads straight back (acked, like a service)."""
     from aiokafka.structs import TopicPartition
 
     from escalator.bus.connection import make_consumer, make_producer
 
-    producer = make_producer(settings)
+    producer = make_producer(settings, **_producer_overrides(linger_ms))
     consumer = make_consumer(settings, None)
     await producer.start()
     await consumer.start()
@@ -665,13 +731,15 @@ async def pong(settings: Any, inbound: str, outbound: str, total: int) -> None:
         await producer.stop()
 
 
-async def ping(settings: Any, outbound: str, inbound: str, rounds: int) -> list[float]:
+async def ping(
+    settings: Any, outbound: str, inbound: str, rounds: int, linger_ms: int | None = None
+) -> list[float]:
     """Round trips of `rounds` records (after a warm-up), in seconds."""
     from aiokafka.structs import TopicPartition
 
     from escalator.bus.connection import make_consumer, make_producer
 
-    producer = make_producer(settings)
+    producer = make_producer(settings, **_producer_overrides(linger_ms))
     consumer = make_consumer(settings, None)
     await producer.start()
     await consumer.start()
@@ -700,32 +768,49 @@ async def ping(settings: Any, outbound: str, inbound: str, rounds: int) -> list[
 
 
 async def measure_pingpong(
-    settings: Any, group: Any, rounds: int
+    settings: Any, group: Any, rounds: int, linger_ms: int | None = None
 ) -> tuple[dict[str, Any], list[float]]:
+    """Ping-pong between this process and a child; `linger_ms` overrides the services'."""
     from escalator.processes import python_module
 
     suffix = uuid.uuid4().hex[:8]
-    there, back = (
-        settings.topic(f"pingpong.ping.{suffix}"),
-        settings.topic(f"pingpong.pong.{suffix}"),
-    )
+    there = settings.topic(f"pingpong.ping.{suffix}")
+    back = settings.topic(f"pingpong.pong.{suffix}")
     await _create_topics(settings, [there, back])
+    extra = [] if linger_ms is None else [str(linger_ms)]
+    name = f"pong-{suffix}"
     group.spawn(
-        "pong",
-        python_module("bench.overhead", "pong", there, back, str(PINGPONG_WARMUP + rounds)),
+        name,
+        python_module("bench.overhead", "pong", there, back, str(PINGPONG_WARMUP + rounds), *extra),
         wait_for=r"pong ready",
         timeout_s=60,
     )
     try:
-        times = await ping(settings, there, back, rounds)
+        times = await ping(settings, there, back, rounds, linger_ms)
     finally:
         # The far side ends by itself after its last answer; it must not count as a dead service.
-        child = group.children.pop("pong")
+        child = group.children.pop(name)
         try:
             await asyncio.to_thread(child.process.wait, 30)
         except subprocess.TimeoutExpired:
             child.process.kill()
     return pingpong_stats(times), times
+
+
+async def probe_world(world_url: str, node_ids: Sequence[str], calls: int) -> dict[str, Any]:
+    """The simulated cloud's own API latency: sequential GETs of nodes, in ms."""
+    from escalator.world.client import WorldClient
+
+    times: list[float] = []
+    async with WorldClient(world_url) as world:
+        for i in range(calls):
+            started = time.perf_counter()
+            await world.node(node_ids[i % len(node_ids)])
+            times.append((time.perf_counter() - started) * 1000)
+    return {
+        "world_get_ms_p50": rounded(percentile(times, 50), 3),
+        "world_get_ms_p99": rounded(percentile(times, 99), 3),
+    }
 
 
 # --- the section -------------------------------------------------------------------------------
@@ -787,6 +872,11 @@ async def _run(ctx: BenchContext) -> dict[str, Any]:
         stats, _ = await measure_pingpong(settings, deployment.group, rounds)
         result.update(stats)
         ctx.log(f"overhead: one hop p50 {stats['pingpong_ms_p50']} ms")
+        # For the analysis only (the floor uses the services' settings): the same without the
+        # producer's linger, and the simulated cloud's API latency.
+        bare, _ = await measure_pingpong(settings, deployment.group, rounds, linger_ms=0)
+        result["pingpong_linger0_ms_p50"] = bare["pingpong_ms_p50"]
+        result.update(await probe_world(deployment.world_url, deployment.node_ids, 200))
 
         request = build_upgrade_request(
             version="2.0.0",
@@ -824,7 +914,16 @@ async def _run(ctx: BenchContext) -> dict[str, Any]:
     result.update(
         summarize(cycles, result["pingpong_ms_p50"], events=len(by_id), wall_s=last - first)
     )
+    result["cycle_ms_by_service_p50"] = time_by_service(cycles)
+    result["upgrade_manager_inputs_per_cycle_p50"] = inputs_per_cycle(
+        cycles, topic_consumers(settings), "upgrade-manager"
+    )
+    # The Upgrade Manager logs its own per-input latencies when it stops.
+    result["upgrade_manager_latency_log"] = log_line(
+        ctx.run_dir / "logs" / "upgrade-manager.log", r"latency: "
+    )
     result["hop_breakdown"] = hop_breakdown(cycles)
+    result.update(notice_sizes(by_id.values()))
     result["event_types"] = dict(sorted(Counter(e.event_type for e in by_id.values()).items()))
     example = next(
         (c for c in cycles if c.hops_with_joins == result["hops_per_cycle_with_joins"]), None
@@ -854,12 +953,13 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
 def _main(argv: list[str]) -> int:
     """`python -m bench.overhead pong IN OUT COUNT`: the far side of the ping-pong."""
-    if len(argv) == 4 and argv[0] == "pong":
+    if len(argv) in (4, 5) and argv[0] == "pong":
         from escalator.settings import KafkaSettings
 
-        asyncio.run(pong(KafkaSettings(), argv[1], argv[2], int(argv[3])))
+        linger = int(argv[4]) if len(argv) == 5 else None
+        asyncio.run(pong(KafkaSettings(), argv[1], argv[2], int(argv[3]), linger))
         return 0
-    print("usage: python -m bench.overhead pong IN_TOPIC OUT_TOPIC COUNT", file=sys.stderr)
+    print("usage: python -m bench.overhead pong IN OUT COUNT [LINGER_MS]", file=sys.stderr)
     return 2
 
 

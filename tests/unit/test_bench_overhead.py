@@ -12,11 +12,14 @@ from bench.overhead import (
     cycle_bounds,
     hop_breakdown,
     hop_depths,
+    inputs_per_cycle,
     node_of,
+    notice_sizes,
     pingpong_stats,
     rows,
     service_of,
     summarize,
+    time_by_service,
 )
 
 pytestmark = pytest.mark.unit
@@ -287,3 +290,38 @@ def test_the_table_shows_targets_and_whether_they_are_met() -> None:
     assert by_metric["overhead: cycle p50 / floor"].met is True
     assert by_metric["overhead: cycle p50 / floor (with joins)"].met is False
     assert by_metric["overhead: cycle p50 / floor"].target == "<= 1.5x floor"
+
+
+def test_time_on_the_critical_path_is_split_by_the_service_that_waited() -> None:
+    cycles = analyse_cycles(campaign(2, migrate_every=1).events, CONSUMERS)
+    spent = time_by_service(cycles)
+    # upgrade-manager: 5 hops of 9 ms; cloud-manager 3 x 9; adapter 19 + 9; VNFM 19; agent 29
+    assert spent == {
+        "upgrade-manager": pytest.approx(45.0),
+        "node-agent": pytest.approx(29.0),
+        "vnfm-adapter": pytest.approx(28.0),
+        "cloud-manager": pytest.approx(27.0),
+        "reference-vnfm": pytest.approx(19.0),
+    }
+    assert next(iter(spent)) == "upgrade-manager"
+
+
+def test_notice_sizes() -> None:
+    chain = Chain()
+    a = chain.add("VnfMaintenanceNotified", VA, None)
+    b = chain.add("VnfMaintenanceNotified", VA, None)
+    events = [
+        Observed(**{**a.__dict__, "size": (2, 3)}),
+        Observed(**{**b.__dict__, "size": (4, 5)}),
+    ]
+    assert notice_sizes(events) == {"notices": 2, "notice_vnfs_p50": 3.0, "notice_vms_p50": 4.0}
+    assert notice_sizes([]) == {}
+
+
+def test_inputs_per_cycle_count_what_a_service_reads_from_others() -> None:
+    cycles = analyse_cycles(campaign(1, migrate_every=1).events, CONSUMERS)
+    # entered, moved, migrated, accepted, progressed, upgraded, exited (its own progress is not
+    # counted: it reads it back but produced it)
+    assert inputs_per_cycle(cycles, CONSUMERS, "upgrade-manager") == 7
+    assert inputs_per_cycle(cycles, CONSUMERS, "node-agent") == 1
+    assert inputs_per_cycle([], CONSUMERS, "node-agent") is None
