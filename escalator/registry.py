@@ -48,7 +48,7 @@ class VnfRegistry:
     def apply(self, key: bytes, value: VnfRegistered | None) -> None:
         """Apply one topic record; `None` is a tombstone."""
         if value is None:
-            self.remove(key.decode())
+            self.remove(key.decode(errors="replace"))
         else:
             self.put(value.vnf)
 

@@ -95,7 +95,9 @@ def decode(raw: bytes | None) -> Event | InvalidEvent:
         return InvalidEvent(InvalidReason.NOT_UTF8, str(err), raw)
     try:
         payload = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:
+        # ValueError covers JSONDecodeError and the integer-length limit (a number of more than
+        # 4,300 digits), which json.loads raises as a plain ValueError.
         return InvalidEvent(InvalidReason.NOT_JSON, str(err)[:300], raw)
     if not isinstance(payload, dict):
         return InvalidEvent(InvalidReason.NOT_OBJECT, f"top level is {type(payload).__name__}", raw)

@@ -917,7 +917,9 @@ class VnfProfile(ValueModel):
     min_recovery_s: float = Field(
         default=0.0,
         ge=0,
-        description="Seconds to wait after an impact before the next impact on this VNF.",
+        le=7 * 24 * 3600,
+        description="Seconds to wait after an impact before the next impact on this VNF "
+        "(at most a week).",
         examples=[30.0],
     )
     allowed_actions: tuple[MaintenanceAction, ...] = Field(

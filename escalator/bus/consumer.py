@@ -70,6 +70,11 @@ CONSUMER_ERROR = "consumer_error"
 # A dead letter carries the record base64-encoded; keep it well under the broker's max size.
 MAX_DEAD_LETTER_VALUE_BYTES = MAX_EVENT_BYTES // 2
 MAX_DETAIL_CHARS = 4000
+# Keys and headers are kept too, but bounded: the whole dead letter (base64 adds a third) must
+# stay under the broker's 1 MiB message limit, or it could never be written and the partition
+# would be stuck behind it.
+MAX_DEAD_LETTER_KEY_BYTES = 16 * 1024
+MAX_DEAD_LETTER_HEADER_BYTES = 16 * 1024
 
 
 class RecordPort(Protocol):
@@ -231,6 +236,19 @@ def dead_letter_for(
     if value is not None and len(value) > MAX_DEAD_LETTER_VALUE_BYTES:
         detail = f"{detail} (value truncated: {MAX_DEAD_LETTER_VALUE_BYTES} of {len(value)} bytes)"
         value = value[:MAX_DEAD_LETTER_VALUE_BYTES]
+    key = record.key
+    if key is not None and len(key) > MAX_DEAD_LETTER_KEY_BYTES:
+        detail = f"{detail} (key truncated: {MAX_DEAD_LETTER_KEY_BYTES} of {len(key)} bytes)"
+        key = key[:MAX_DEAD_LETTER_KEY_BYTES]
+    headers: list[tuple[str, str]] = []
+    header_bytes = 0
+    for name, raw_header in record.headers or ():
+        size = len(name) + len(raw_header or b"")
+        if header_bytes + size > MAX_DEAD_LETTER_HEADER_BYTES:
+            detail = f"{detail} (headers truncated after {len(headers)})"
+            break
+        header_bytes += size
+        headers.append((name, DeadLetter.b64(raw_header) or ""))
     if len(detail) > MAX_DETAIL_CHARS:
         detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
     return DeadLetter(
@@ -242,9 +260,9 @@ def dead_letter_for(
         reason=reason,
         detail=detail,
         event_type=event_type,
-        key_b64=DeadLetter.b64(record.key),
+        key_b64=DeadLetter.b64(key),
         value_b64=DeadLetter.b64(value),
-        headers=tuple((k, DeadLetter.b64(v) or "") for k, v in (record.headers or ())),
+        headers=tuple(headers),
     )
 
 

@@ -67,7 +67,10 @@ class CompactedFollower:
             await consumer.position(tp)  # resolve the end now, before the read-back
         records = await read_to_high_watermark(self._settings, name, decoder=self._decode)
         for key, event in records.items():
-            self._apply(key, event)
+            try:
+                self._apply(key, event)
+            except Exception:
+                log.exception("following %s: record for key %r skipped", self._topic.name, key)
         self._task = asyncio.get_running_loop().create_task(self._follow(), name=f"follow {name}")
         return len(records)
 
@@ -84,7 +87,17 @@ class CompactedFollower:
                 continue
             for records in batches.values():
                 for record in records:
-                    await self._on_record(record)
+                    try:
+                        await self._on_record(record)
+                    except Exception:
+                        # One record must never stop the view: it is skipped, the view goes on.
+                        log.exception(
+                            "following %s: record %s[%d]@%d skipped",
+                            self._topic.name,
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                        )
 
     async def _on_record(self, record: Any) -> None:
         if record.key is None:

@@ -17,7 +17,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from escalator.bus.connection import make_consumer
 from escalator.bus.partitioning import topic_partitions
 from escalator.settings import KafkaSettings
-from schemas.codec import InvalidEvent, decode
+from schemas.codec import InvalidEvent, InvalidReason, decode
 from schemas.envelope import Event
 from schemas.topics import TopicSpec
 
@@ -100,7 +100,10 @@ async def read_to_high_watermark(
         if record.value is None:
             state.pop(record.key, None)
             continue
-        value = decoder(record.value)
+        try:
+            value = decoder(record.value)
+        except Exception as err:  # a decoder that raises must not stop a service's start-up
+            value = InvalidEvent(InvalidReason.NOT_JSON, f"decoder raised {err!r}"[:300], None)
         if isinstance(value, InvalidEvent):
             skipped += 1
             log.warning(

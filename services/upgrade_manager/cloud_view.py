@@ -33,13 +33,13 @@ class CloudView:
 
     def apply_inventory(self, key: bytes, event: Event | None) -> None:
         if event is None:
-            self.cloud.remove(key.decode())
+            self.cloud.remove(key.decode(errors="replace"))
         elif isinstance(event, NodeInventoryReported):
             self.cloud.put(Host.from_report(event))
 
     def apply_registry(self, key: bytes, event: Event | None) -> None:
         if event is None:
-            removed = self.rules.pop(key.decode(), None)
+            removed = self.rules.pop(key.decode(errors="replace"), None)
             if removed is not None and removed.min_recovery_s >= self.max_recovery_s:
                 self.max_recovery_s = max(
                     (r.min_recovery_s for r in self.rules.values()), default=0

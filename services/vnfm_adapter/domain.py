@@ -1179,7 +1179,7 @@ def _start_recovery(out: _Out, event: NodeAvailable, vnf_ids: Iterable[str], ctx
                 campaign_id=event.campaign_id,
                 since=ctx.now,
                 signal=signal,
-                until=None if signal else ctx.now + timedelta(seconds=profile.min_recovery_s),
+                until=None if signal else _later(ctx.now, profile.min_recovery_s),
                 cause=event.event_id,
             ),
         )
@@ -1221,3 +1221,13 @@ def _on_node_available(out: _Out, event: NodeAvailable, ctx: Context) -> None:
                 vnf_ids=tuple(by_vnfm[vnfm_id]),
             )
         )
+
+
+def _later(now: datetime, seconds: float) -> datetime:
+    """now + seconds, saturated: a registry value beyond what datetimes hold waits "for ever"
+    rather than failing every NodeAvailable of its VNF (the schema bounds it; old records may
+    not)."""
+    try:
+        return now + timedelta(seconds=seconds)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=now.tzinfo)

@@ -244,7 +244,13 @@ class KafkaRegistrySource:
                     continue
                 for records in batches.values():
                     for record in records:
-                        invalid = _apply_registry_record(registry, record.key, record.value)
+                        try:
+                            invalid = _apply_registry_record(registry, record.key, record.value)
+                        except Exception as err:  # one record never stops the registry view
+                            log.exception("registry: record @%d skipped", record.offset)
+                            invalid = InvalidEvent(
+                                InvalidReason.INVALID_FIELDS, f"not applicable: {err!r}"[:300], None
+                            )
                         if invalid is not None:
                             await self._reject(record, invalid)
                 for tp in list(behind):

@@ -166,7 +166,7 @@ def _default(settings_class: Any, name: str) -> str:
 # Found by this test; each marks the checks it breaks as strict xfails (an XPASS fails: remove
 # the marker once the bug is fixed). See the module doc.
 CODEC_RAISES = (
-    "BUG schemas/codec.py decode(): json.loads raises a plain ValueError (not JSONDecodeError) "
+    "FIXED, was: schemas/codec.py decode(): json.loads raises a plain ValueError (not JSONDecodeError) "
     "on an integer literal longer than 4,300 digits (CPython's int_max_str_digits); decode "
     "catches only (JSONDecodeError, RecursionError), so it raises. EventConsumer dead-letters "
     "the record as consumer_error, the Upgrade Manager as handler_error, and the compacted-topic "
@@ -181,13 +181,13 @@ CM_NULL_CAMPAIGN = (
     "nor dead-lettered and the CommitGate holds the partition's committed offset at it forever."
 )
 DEAD_LETTER_TOO_LARGE = (
-    "BUG escalator/bus/consumer.py dead_letter_for(): the value is capped at 512 KiB but the "
+    "FIXED, was: escalator/bus/consumer.py dead_letter_for(): the value is capped at 512 KiB but the "
     "key and headers are copied whole (base64: +33%); a record with a large key makes a dead "
     "letter above the producer's max_request_size, MessageSizeTooLargeError is retried for "
     "ever (_dead_letter / deliver_dead_letter) and the partition is stuck behind it."
 )
 TOMBSTONE_KEY = (
-    "BUG a tombstone whose key is not UTF-8 on a compacted topic kills the view that follows "
+    "FIXED, was: a tombstone whose key is not UTF-8 on a compacted topic kills the view that follows "
     "it: services/upgrade_manager/cloud_view.py apply_registry/apply_inventory and "
     "escalator/registry.py VnfRegistry.apply call key.decode() on a deletion, the "
     "UnicodeDecodeError escapes CompactedFollower._on_record (escalator/bus/follower.py) and "
@@ -195,7 +195,7 @@ TOMBSTONE_KEY = (
     "silently: the inventory and registry views stop changing."
 )
 RECOVERY_OVERFLOW = (
-    "BUG services/vnfm_adapter/domain.py _start_recovery(): ctx.now + "
+    "FIXED, was: services/vnfm_adapter/domain.py _start_recovery(): ctx.now + "
     "timedelta(seconds=profile.min_recovery_s) raises OverflowError for a registered VNF whose "
     "min_recovery_s is above ~2.5e11 s, which VnfProfile accepts (ge=0, no upper bound): every "
     "NodeAvailable naming that VNF fails, is retried, dead-lettered as handler_error, and the "
@@ -769,7 +769,6 @@ def test_every_service_survived(flooded: Flood) -> None:
 
 
 @apply(FLOOD)
-@known_bug(CODEC_RAISES, strict=False)  # the frozen heartbeat view stalls it (timing-dependent)
 def test_a_campaign_completes_after_the_flood(flooded: Flood) -> None:
     o = flooded.outcome
     assert o.view is not None, f"{o.campaign_error}\n{o.deployment.logs(10)}"
@@ -796,9 +795,7 @@ def _topic_param(spec: TopicSpec, bug: str | None = None) -> Any:
 
 
 @apply(FLOOD)
-@pytest.mark.parametrize(
-    "spec", [_topic_param(s, CODEC_RAISES if s in FOLLOWED else None) for s in FLOODED]
-)
+@pytest.mark.parametrize("spec", [_topic_param(s) for s in FLOODED])
 def test_every_rejected_record_is_dead_lettered_by_every_reader(
     flooded: Flood, spec: TopicSpec
 ) -> None:
@@ -819,7 +816,6 @@ def test_dead_letters_carry_the_reason_and_a_detail(flooded: Flood, spec: TopicS
 
 
 @apply(FLOOD)
-@known_bug(CODEC_RAISES)
 def test_records_decode_raises_on_are_dead_lettered_as_not_json(flooded: Flood) -> None:
     raised = [x for r in flooded.results.values() for x in r.codec_raised]
     assert not raised, f"{len(raised)}:\n" + "\n".join(raised[:15])
@@ -855,7 +851,6 @@ class Sample:
 
 
 @pytest.mark.unit
-@known_bug(CODEC_RAISES)
 @settings(max_examples=300, derandomize=True, database=None, deadline=None)
 @given(
     st.sampled_from(FLOODED)
@@ -877,7 +872,6 @@ HUGE_KEY = 800_000  # a legal record (< 1 MiB); its dead letter (key base64) is 
 @pytest.mark.integration
 @pytest.mark.real_kafka
 @pytest.mark.timeout(120)
-@known_bug(DEAD_LETTER_TOO_LARGE)
 async def test_a_record_with_a_huge_key_is_dead_lettered_and_the_partition_moves_on(
     broker: BrokerHandle,
 ) -> None:
@@ -965,7 +959,6 @@ VIEW_CASES = [
             HUGE_INTEGER,
             NodeAgentHeartbeat(node_id="n1", agent_id="a", installed_version="1.0", interval_s=5),
         ),
-        marks=known_bug(CODEC_RAISES),
         id="upgrade-manager heartbeats, a 4301-digit number",
     ),
     pytest.param(
@@ -983,19 +976,16 @@ VIEW_CASES = [
                 vms=(),
             ),
         ),
-        marks=known_bug(TOMBSTONE_KEY),
         id="upgrade-manager inventory, a tombstone keyed by non-UTF-8 bytes",
     ),
     pytest.param(
         ViewCase("um-cloud", t.VNF_REGISTRY, NOT_UTF8_KEY, None, VnfRegistered(vnf=GOOD_VNF)),
-        marks=known_bug(TOMBSTONE_KEY),
         id="upgrade-manager registry, a tombstone keyed by non-UTF-8 bytes",
     ),
     pytest.param(
         ViewCase(
             "adapter-registry", t.VNF_REGISTRY, NOT_UTF8_KEY, None, VnfRegistered(vnf=GOOD_VNF)
         ),
-        marks=known_bug(TOMBSTONE_KEY),
         id="vnfm-adapter registry, a tombstone keyed by non-UTF-8 bytes",
     ),
 ]
@@ -1078,7 +1068,6 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
 
 
 @pytest.mark.unit
-@known_bug(RECOVERY_OVERFLOW)
 @settings(max_examples=200, derandomize=True, database=None, deadline=None)
 @given(recovery_s=st.floats(min_value=0, allow_nan=False, allow_infinity=False))
 def test_node_available_for_any_registered_recovery_time(recovery_s: float) -> None:
