@@ -478,6 +478,8 @@ def test_log_filter_hides_sasl_payloads_and_known_secrets(
     KafkaSettings(**sasl())  # validated settings remember their secrets
     payload = SaslAuthenticateRequest_v1(sasl_auth_bytes=f"u\0u\0{PASSWORD}".encode())
     caplog.set_level(logging.DEBUG)
+    # Another test may have set aiokafka's level (services quieten it): set it here too.
+    caplog.set_level(logging.DEBUG, logger="aiokafka.conn")
     logging.getLogger("aiokafka.conn").debug("Request %d: %s", 3, payload)
     # any logger whose records reach a service's handlers (setup_logging adds the filter there)
     handler = logging.StreamHandler(io.StringIO())

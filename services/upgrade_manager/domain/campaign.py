@@ -447,7 +447,7 @@ def advance_campaign(txn: Txn) -> None:
         fill_slots(txn)
         campaign = txn.campaign
         if campaign.finished == len(txn.plan.node_order):
-            txn.update_campaign(status=CampaignStatus.COMPLETED)
+            txn.update_campaign(status=CampaignStatus.COMPLETED, scan_from=campaign.finished)
             txn.emit(
                 CampaignCompleted(
                     **_campaign_envelope(txn, "completed"),
@@ -457,7 +457,9 @@ def advance_campaign(txn: Txn) -> None:
                 )
             )
     elif campaign.status is CampaignStatus.ABORTING and not campaign.active:
-        txn.update_campaign(status=CampaignStatus.FAILED)
+        # scan_from is a search hint whose value depends on restarts; an ended campaign's is
+        # canonical, so that a replayed log ends in the same record.
+        txn.update_campaign(status=CampaignStatus.FAILED, scan_from=len(txn.plan.node_order))
         txn.emit(
             CampaignFailed(
                 **_campaign_envelope(txn, "failed"),
