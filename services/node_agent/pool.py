@@ -216,6 +216,10 @@ class AgentInbox:
     )
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     assigned: bool = False
+    # An idle agent's consume loop asks for records every 200 ms so that it sees a stop
+    # request; hundreds of them would keep the process busy doing nothing. The inbox waits this
+    # long instead, and `wake()` (on stop) ends the wait at once.
+    idle_wait_s: float = 5.0
 
     def put(self, record: ConsumerRecord[bytes, bytes]) -> None:
         self._records.append(record)
@@ -234,12 +238,16 @@ class AgentInbox:
             raise ValueError(f"agent of {self.node_id} reads {self.tp}, not {partitions}")
         self.assigned = True
 
+    def wake(self) -> None:
+        """End a waiting `getmany` now (with no records, if none came)."""
+        self._arrived.set()
+
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> Mapping[TopicPartition, Sequence[Any]]:
         if not self._records and timeout_ms > 0:
             try:
-                async with asyncio.timeout(timeout_ms / 1000):
+                async with asyncio.timeout(max(timeout_ms / 1000, self.idle_wait_s)):
                     await self._arrived.wait()
             except TimeoutError:
                 pass
@@ -381,6 +389,7 @@ class AgentPool:
         self._stop.set()
         for member in self.members:
             member.service.request_stop()
+            member.inbox.wake()
 
     async def prepare(self) -> None:
         """Look up the partitions and every agent's committed offset; wire the agents."""
