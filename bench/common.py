@@ -316,6 +316,10 @@ def run_sections(
                 log(f"bench: section {outcome.name} {outcome.status} in {outcome.seconds:.0f} s")
         finally:
             handle.stop()
+    try:
+        report["machine"]["load_avg_at_end"] = [rounded(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     report["sections"] = {o.name: o.summary() for o in outcomes}
     for outcome in outcomes:
         if outcome.status == OK:
