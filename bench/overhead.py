@@ -457,7 +457,11 @@ def rows(result: dict[str, Any]) -> list[Row]:
     hops = o.get("hops_per_cycle")
     hops_note = "" if o.get("hops_constant") else f" (varies: {o.get('hops_histogram')})"
     return [
-        Row("overhead: nodes (sequential campaign)", f"{o.get('nodes')} ({o.get('state')})"),
+        Row(
+            "overhead: nodes (sequential campaign)",
+            f"{o.get('nodes')} ({o.get('state')}; upgraded {o.get('nodes_upgraded')}, "
+            f"skipped {o.get('nodes_skipped')}, failed {o.get('nodes_failed')})",
+        ),
         Row("overhead: cycle ms p50", f"{o.get('cycle_ms_p50')}"),
         Row("overhead: cycle ms p99", f"{o.get('cycle_ms_p99')}"),
         Row("overhead: hops per cycle (causation)", f"{hops}{hops_note}"),
@@ -634,10 +638,12 @@ async def follow_campaign(
     return outcome[0] if outcome else "unknown"
 
 
-async def read_campaign(settings: Any, campaign_id: str) -> tuple[list[Observed], int, int]:
+async def read_campaign(
+    settings: Any, campaign_id: str, outcome: dict[str, Any]
+) -> tuple[list[Observed], int, int]:
     """Every event of the campaign on every catalogue topic (records whose bytes do not name
     the campaign are skipped undecoded); also the number of records scanned and of dead
-    letters."""
+    letters. `outcome` gets the counts of the campaign's `CampaignCompleted`."""
     from escalator.bus.readback import scan
     from schemas.codec import decode
     from schemas.envelope import Event
@@ -655,6 +661,10 @@ async def read_campaign(settings: Any, campaign_id: str) -> tuple[list[Observed]
             event = decode(record.value)
             if isinstance(event, Event) and event.campaign_id == campaign_id:
                 found.append(observed_from(event, name, record.timestamp))
+                if event.event_type == "CampaignCompleted":
+                    outcome.update(
+                        {k: getattr(event, k, None) for k in ("upgraded", "skipped", "failed")}
+                    )
     dead = 0
     async for _record in scan(settings, settings.topic(DEAD_LETTERS_TOPIC), timeout_s=120):
         dead += 1
@@ -899,7 +909,11 @@ async def _run(ctx: BenchContext) -> dict[str, Any]:
         )
         result["state"] = state
         ctx.log(f"overhead: campaign {state}; reading its events back")
-        events, scanned, dead = await read_campaign(settings, campaign_id)
+        outcome: dict[str, Any] = {}
+        events, scanned, dead = await read_campaign(settings, campaign_id, outcome)
+        result["nodes_upgraded"] = outcome.get("upgraded")
+        result["nodes_skipped"] = outcome.get("skipped")
+        result["nodes_failed"] = outcome.get("failed")
         result["records_scanned"] = scanned
         result["dead_letters"] = dead
     finally:
