@@ -44,12 +44,16 @@ class CompactedFollower:
         *,
         on_invalid: DeadLetterHook | None = None,
         decoder: Decoder = decode,
+        start_timeout_s: float = 600.0,
     ) -> None:
         self._settings = settings
         self._topic = topic
         self._apply = apply
         self._on_invalid = on_invalid
         self._decode = decoder
+        # Reading a large view to its end (a 10,000-node inventory, a registry of 70,000 VNFs)
+        # takes long on a busy broker; the limit only catches an end that never comes.
+        self._start_timeout_s = start_timeout_s
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -65,7 +69,9 @@ class CompactedFollower:
         await consumer.seek_to_end(*tps)
         for tp in tps:
             await consumer.position(tp)  # resolve the end now, before the read-back
-        records = await read_to_high_watermark(self._settings, name, decoder=self._decode)
+        records = await read_to_high_watermark(
+            self._settings, name, decoder=self._decode, timeout_s=self._start_timeout_s
+        )
         for key, event in records.items():
             try:
                 self._apply(key, event)
