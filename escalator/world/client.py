@@ -239,8 +239,15 @@ class WorldClient:
                 raise TimeoutError(f"node {node_id} still rebooting after {timeout_s}s")
             await asyncio.sleep(poll_s)
 
-    async def migrate_vm(self, vm_id: str, destination: str | None = None) -> VmView:
-        body = {} if destination is None else {"destination": destination}
+    async def migrate_vm(
+        self, vm_id: str, destination: str | None = None, *, avoid: Iterable[str] = ()
+    ) -> VmView:
+        """Start a live migration (to `destination`, or where the world places it, never on a
+        node of `avoid`); returns the VM migrating. Raises WorldError(409) when refused."""
+        body: dict[str, Any] = {} if destination is None else {"destination": destination}
+        avoided = list(avoid)
+        if avoided:
+            body["avoid"] = avoided
         return await self._model(VmView, "POST", f"/v1/vms/{_seg(vm_id)}/migrate", json=body)
 
     async def switch_over(self, vnf_id: str, to_member: str) -> VnfView:
@@ -264,4 +271,14 @@ class WorldClient:
             "POST",
             "/v1/faults",
             json={"node_id": node_id, "fail_next_upgrades": fail_next_upgrades},
+        )
+
+    async def inject_migration_faults(self, node_id: str, fail_next_migrations_to: int) -> NodeView:
+        """The next `fail_next_migrations_to` migrations toward the node fail when they would
+        land (the VM stays on its source); 0 clears it."""
+        return await self._model(
+            NodeView,
+            "POST",
+            "/v1/faults/migrations",
+            json={"node_id": node_id, "fail_next_migrations_to": fail_next_migrations_to},
         )

@@ -134,19 +134,34 @@ def placement_refusal(
     return None
 
 
-def valid_destinations(state: WorldState, vm: Vm, index: PlacementIndex | None = None) -> list[str]:
-    """Node ids `vm` may migrate to, best first: most free vcpus, then RAM, then by id."""
+def valid_destinations(
+    state: WorldState,
+    vm: Vm,
+    index: PlacementIndex | None = None,
+    avoid: Collection[str] = (),
+) -> list[str]:
+    """Node ids `vm` may migrate to, best first: most free vcpus, then RAM, then by id. Nodes
+    in `avoid` are left out."""
     index = index or PlacementIndex.of(state)
-    candidates = [n for n in state.nodes.values() if placement_refusal(state, vm, n, index) is None]
+    candidates = [
+        n
+        for n in state.nodes.values()
+        if n.id not in avoid and placement_refusal(state, vm, n, index) is None
+    ]
     candidates.sort(key=lambda n: (*(-f for f in index.free(n)), n.id))
     return [n.id for n in candidates]
 
 
-def best_destination(state: WorldState, vm: Vm, index: PlacementIndex) -> str | None:
-    """`valid_destinations(...)[0]` without sorting them all: one pass over the nodes."""
+def best_destination(
+    state: WorldState, vm: Vm, index: PlacementIndex, avoid: Collection[str] = ()
+) -> str | None:
+    """`valid_destinations(...)[0]` without sorting them all: one pass over the nodes. Nodes in
+    `avoid` (destinations that failed for this VM before) are never picked."""
     best: tuple[int, int, str] | None = None
     for node in state.nodes.values():
         if node.power != "up" or node.maintenance_holder is not None or node.id == vm.node_id:
+            continue
+        if node.id in avoid:
             continue
         if node.service_status != "enabled":
             continue
@@ -272,6 +287,10 @@ class WorldEngine:
         # VNFs whose impairments may have changed for a reason other than a node being down
         self._touched_vnfs: set[str] = set()
         self._inventory_cache: dict[str, str] = {}  # node -> JSON of its inventory
+        # injected migration faults: node -> how many of the next migrations toward it fail,
+        # and the VMs whose migration under way will fail (`inject_migration_faults`)
+        self._migration_faults: dict[str, int] = {}
+        self._failing_migrations: set[str] = set()
         self._open: list[Interruption] = [i for i in state.interruptions if i.ended_at is None]
         logged = len(state.interruptions)
         # Everything, once (the same as `observe`).
@@ -297,6 +316,7 @@ class WorldEngine:
             assert fragment == fresh_fragment, f"inventory of {node_id} out of date"
         open_now = [i for i in self.state.interruptions if i.ended_at is None]
         assert [id(i) for i in self._open] == [id(i) for i in open_now], "open intervals"
+        assert self._failing_migrations <= self._ix.migrating, "failing migrations not migrating"
 
     # monitoring -------------------------------------------------------------------------------
 
@@ -404,12 +424,17 @@ class WorldEngine:
             assert vm.migration_target is not None
             ix = self._ix
             source, destination = vm.node_id, vm.migration_target
-            ix.placement.remove(vm, source)  # its reservation on the destination stays: used
-            ix.on_node[source].discard(vm.id)
-            ix.on_node.setdefault(destination, set()).add(vm.id)
+            if vm.id in self._failing_migrations:
+                # It never lands: it stays where it runs, and the room reserved is given back.
+                ix.placement.remove(vm, destination)
+            else:
+                ix.placement.remove(vm, source)  # its reservation on the destination: used
+                ix.on_node[source].discard(vm.id)
+                ix.on_node.setdefault(destination, set()).add(vm.id)
+                vm.node_id = destination
             ix.incoming[destination].discard(vm.id)
             ix.migrating.discard(vm.id)
-            vm.node_id = destination
+            self._failing_migrations.discard(vm.id)
             vm.status = "active"
             vm.migration_target = None
             vm.migration_started_at = None
@@ -499,10 +524,16 @@ class WorldEngine:
             free_ram_mb=node.ram_mb - used_ram,
             vm_ids=self._placed_on(node.id),
             incoming_vm_ids=self._incoming_to(node.id),
+            fail_next_migrations_to=self._migration_faults.get(node.id, 0),
         )
 
     def _vm_view(self, vm: Vm, incoming: bool = False) -> VmView:
-        return VmView(**vm.model_dump(), up=vm_is_up(self.state, vm.id), incoming=incoming)
+        return VmView(
+            **vm.model_dump(),
+            up=vm_is_up(self.state, vm.id),
+            incoming=incoming,
+            migration_will_fail=vm.id in self._failing_migrations,
+        )
 
     def _vnf_view(self, vnf: Vnf) -> VnfView:
         return VnfView(
@@ -707,9 +738,16 @@ class WorldEngine:
 
     # migration --------------------------------------------------------------------------------
 
-    def migrate_vm(self, vm_id: str, destination: str | None = None) -> VmView:
+    def migrate_vm(
+        self, vm_id: str, destination: str | None = None, avoid: Collection[str] = ()
+    ) -> VmView:
         """Start a live migration; capacity on the destination is reserved at once. Without a
-        destination the node with the most free capacity among valid ones is chosen."""
+        destination the node with the most free capacity among valid ones is chosen, never one
+        of `avoid` (destinations that failed for this VM before; unknown ids are ignored). A
+        named destination is taken as named: `avoid` only steers the placement.
+
+        A migration toward a node with injected migration faults (`inject_migration_faults`)
+        starts like any other and fails when it would land: see `_finisher_migration`."""
         now = self._begin()
         vm = self._vm(vm_id)
         if vm.status == "migrating":
@@ -721,9 +759,19 @@ class WorldEngine:
             if refusal is not None:
                 raise Conflict(refusal)
         else:
-            destination = best_destination(self.state, vm, self._ix.placement)
+            avoided = list(dict.fromkeys(avoid))
+            destination = best_destination(self.state, vm, self._ix.placement, set(avoided))
             if destination is None:
+                if avoided and best_destination(self.state, vm, self._ix.placement) is not None:
+                    raise Conflict(
+                        f"no valid destination for VM {vm_id} outside its avoided nodes"
+                        f" {', '.join(avoided)}"
+                    )
                 raise Conflict(f"no valid destination for VM {vm_id}")
+        faults = self._migration_faults.get(destination, 0)
+        if faults > 0:
+            self._migration_faults[destination] = faults - 1
+            self._failing_migrations.add(vm.id)
         vm.status = "migrating"
         vm.migration_target = destination
         vm.migration_started_at = now
@@ -788,6 +836,24 @@ class WorldEngine:
             raise InvalidRequest("fail_next_upgrades must be >= 0")
         node = self._node(node_id)
         node.fail_next_upgrades = fail_next_upgrades
+        self._commit()
+        return self._node_view(node)
+
+    def inject_migration_faults(self, node_id: str, fail_next_migrations_to: int) -> NodeView:
+        """The next `fail_next_migrations_to` migrations toward the node (named or placed there)
+        start, then fail when they would land: the VM stays on its source, up, and the
+        reservation on the node is released. Replaces any count set before (0 clears it).
+
+        Kept by the engine beside the state (a test instrument, not a fact of the cloud): a
+        saved scenario does not carry it."""
+        self._begin()
+        if fail_next_migrations_to < 0:
+            raise InvalidRequest("fail_next_migrations_to must be >= 0")
+        node = self._node(node_id)
+        if fail_next_migrations_to:
+            self._migration_faults[node.id] = fail_next_migrations_to
+        else:
+            self._migration_faults.pop(node.id, None)
         self._commit()
         return self._node_view(node)
 

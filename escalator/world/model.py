@@ -90,6 +90,9 @@ class NodeView(Node):
     free_ram_mb: int
     vm_ids: list[str]
     incoming_vm_ids: list[str]
+    # the next N migrations toward this node fail when they would land (an injected fault,
+    # kept by the engine beside the state)
+    fail_next_migrations_to: int = 0
 
 
 class Vm(WorldModel):
@@ -112,6 +115,9 @@ class VmView(Vm):
 
     up: bool
     incoming: bool = False
+    # the migration under way will fail (a fault injected on its destination): the VM stays
+    # on its source and the room reserved on the destination is given back
+    migration_will_fail: bool = False
 
 
 class InventoryVm(WorldModel):

@@ -55,6 +55,8 @@ class RebootBody(_Body):
 
 class MigrateBody(_Body):
     destination: str | None = None
+    # destinations that failed for this VM before: the placement never picks them
+    avoid: list[str] = Field(default_factory=list)
 
 
 class SwitchOverBody(_Body):
@@ -68,6 +70,11 @@ class MemberBody(_Body):
 class FaultsBody(_Body):
     node_id: str = Field(min_length=1)
     fail_next_upgrades: int = Field(ge=0)
+
+
+class MigrationFaultsBody(_Body):
+    node_id: str = Field(min_length=1)
+    fail_next_migrations_to: int = Field(ge=0)
 
 
 class BadRequest(Exception):
@@ -207,7 +214,7 @@ async def get_vm(request: web.Request) -> web.Response:
 
 async def migrate_vm(request: web.Request) -> web.Response:
     body = await _body(request, MigrateBody)
-    vm = _engine(request).migrate_vm(request.match_info["vm_id"], body.destination)
+    vm = _engine(request).migrate_vm(request.match_info["vm_id"], body.destination, body.avoid)
     return _json(vm, status=202)
 
 
@@ -243,6 +250,14 @@ async def inject_faults(request: web.Request) -> web.Response:
     return _json(_engine(request).inject_faults(body.node_id, body.fail_next_upgrades))
 
 
+async def inject_migration_faults(request: web.Request) -> web.Response:
+    """The next N migrations toward the node fail when they would land."""
+    body = await _body(request, MigrationFaultsBody)
+    return _json(
+        _engine(request).inject_migration_faults(body.node_id, body.fail_next_migrations_to)
+    )
+
+
 # --- application ------------------------------------------------------------------------------
 
 
@@ -272,6 +287,7 @@ def create_app(engine: WorldEngine, *, tick_interval_s: float = TICK_INTERVAL_S)
             web.post("/v1/vnfs/{vnf_id}/restore", restore_member),
             web.get("/v1/monitor/interruptions", interruptions),
             web.post("/v1/faults", inject_faults),
+            web.post("/v1/faults/migrations", inject_migration_faults),
         ]
     )
 

@@ -101,15 +101,29 @@ class WorldCloudBackend:
             for vm in vms
         ]
 
-    async def migrate_vm(self, vm_id: str, source: str, destination: str | None) -> str:
+    async def migrate_vm(
+        self,
+        vm_id: str,
+        source: str,
+        destination: str | None,
+        avoid: Collection[str] = (),
+    ) -> str:
         try:
-            await self._world.migrate_vm(vm_id, destination)
+            started = await self._world.migrate_vm(vm_id, destination, avoid=avoid)
         except WorldError as err:
             _raise_unavailable(err)
-            raise MigrationRefused(err.message) from err
+            # A refusal names the destination only when one was asked for: without one, the
+            # world found no valid node (outside the avoided ones), so none was chosen.
+            raise MigrationRefused(err.message, destination=destination) from err
+        target = started.migration_target or destination
         settled = await self.wait_vm_settled(vm_id)
         if settled is None:
-            raise MigrationRefused(f"VM {vm_id} disappeared while migrating")
+            raise MigrationRefused(f"VM {vm_id} disappeared while migrating", destination=target)
+        if settled.node_id == source:
+            raise MigrationRefused(
+                f"migration of VM {vm_id} to {target} failed; it is still on {source}",
+                destination=target,
+            )
         return settled.node_id
 
     async def vm_location(self, vm_id: str) -> VmLocation | None:

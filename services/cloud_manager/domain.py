@@ -13,8 +13,11 @@ rebuilds a recognisably identical reply. The rules make every command idempotent
   `NodeMaintenanceRefused(reason, current_holder)`.
 * `VmMigrationRequested`: look where the VM is. Not on the source any more -> `VmMigrated`
   (again, for a duplicate: idempotent by state); a migration from or toward the source under
-  way -> wait for it, look again; idle on the source -> migrate, look again; refused and still
-  idle on the source -> `VmMigrationFailed(reason)`. Unknown VM -> `VmMigrationFailed`.
+  way -> wait for it, look again; idle on the source -> migrate (to the named destination, or
+  where the cloud places it outside `avoid_destinations`), look again; refused, or started and
+  failed, and still idle on the source -> `VmMigrationFailed(reason, destination_node_id)`,
+  naming the destination that was tried (None when the cloud could choose none), so that the
+  sender's retry can avoid it. Unknown VM -> `VmMigrationFailed`.
 * `NodeMaintenanceExitRequested`: release by the holder -> `NodeMaintenanceExited(restored)`;
   nobody holds it (released already) -> `Exited` again; another holder has it ->
   `NodeMaintenanceRefused(reason, current_holder)` answering the exit command.
@@ -135,6 +138,7 @@ class StartMigration:
     vm_id: str
     source: str
     destination: str | None
+    avoid: tuple[str, ...] = ()  # never placed on these (when no destination is named)
 
 
 MigrationStep = Reply | WaitForMigration | StartMigration
@@ -218,13 +222,16 @@ def next_migration_step(
     ctx: ReplyContext,
     *,
     refused: str | None = None,
+    refused_destination: str | None = None,
     rounds: int = 0,
 ) -> MigrationStep:
     """What to do given where the VM is now.
 
     The adapter looks again after every wait and every migration it started (finished or
     refused), so the reply always reflects where the VM ended up. `refused` is the cloud's
-    reason for refusing our last migration; `rounds` counts the waits and migrations so far.
+    reason for refusing our last migration (or for its failure after it started), and
+    `refused_destination` the destination it concerned (None if the cloud chose none);
+    `rounds` counts the waits and migrations so far.
     """
     source = cmd.node_id
     if location is None:
@@ -240,12 +247,17 @@ def next_migration_step(
     if location.node_id != source:
         return migration_done(cmd, location.node_id, ctx)
     if refused is not None:
-        return _migration_failed(cmd, ctx, refused)
+        return _migration_failed(cmd, ctx, refused, refused_destination)
     if rounds >= MAX_MIGRATION_ROUNDS:
         return _migration_failed(
             cmd, ctx, f"VM {cmd.vm_id} still on {source} after {rounds} rounds"
         )
-    return StartMigration(vm_id=cmd.vm_id, source=source, destination=cmd.destination_node_id)
+    return StartMigration(
+        vm_id=cmd.vm_id,
+        source=source,
+        destination=cmd.destination_node_id,
+        avoid=tuple(cmd.avoid_destinations),
+    )
 
 
 def migration_done(cmd: VmMigrationRequested, destination: str, ctx: ReplyContext) -> Reply:
@@ -259,13 +271,16 @@ def migration_done(cmd: VmMigrationRequested, destination: str, ctx: ReplyContex
     )
 
 
-def _migration_failed(cmd: VmMigrationRequested, ctx: ReplyContext, reason: str) -> Reply:
+def _migration_failed(
+    cmd: VmMigrationRequested, ctx: ReplyContext, reason: str, destination: str | None = None
+) -> Reply:
     return Reply(
         VmMigrationFailed(
             **_envelope(cmd, ctx, "migration-failed"),
             vm_id=cmd.vm_id,
             node_id=cmd.node_id,
             reason=reason,
+            destination_node_id=destination,
         )
     )
 

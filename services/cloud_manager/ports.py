@@ -9,7 +9,10 @@ Shaped so that an OpenStack backend over openstacksdk fits it one call for one c
 - `list_vms`: `compute.servers(all_projects=True, host=node)`, plus
   `compute.migrations(dest_compute=node, status="running")` for the incoming ones.
 - `migrate_vm`: `compute.live_migrate_server(server, host=destination, block_migration="auto")`,
-  then poll `compute.get_server` until its status leaves MIGRATING.
+  then poll `compute.get_server` until its status leaves MIGRATING (still on the source: it
+  failed, and the migration record names the destination). Nova's scheduler has no "avoid"
+  argument: with avoided nodes and no destination, the backend picks the host itself (from
+  `compute.hypervisors` and the scheduler's filters) or passes a scheduler hint.
 - `vm_location`, `wait_vm_settled`: `compute.get_server(id).compute_host` and its task state.
 - `inventory`: `compute.hypervisors(details=True)` (vcpus, memory), `compute.services(
   binary="nova-compute")` (disabled, reason = holder), host aggregates or availability zones
@@ -59,7 +62,22 @@ class ReleaseRefused(CloudRefusal):
 
 
 class MigrationRefused(CloudRefusal):
-    """No valid destination, the VM is down, the destination refused it..."""
+    """No valid destination, the VM is down, the destination refused it, or the migration
+    started and then failed (the VM is still on its source).
+
+    `destination` names the node the refusal or failure concerns: the destination that was
+    asked for, or the one the cloud chose before the migration failed; None when the cloud
+    could choose none (nothing valid, or nothing valid outside the avoided nodes)."""
+
+    def __init__(
+        self,
+        reason: str,
+        current_holder: str | None = None,
+        *,
+        destination: str | None = None,
+    ) -> None:
+        super().__init__(reason, current_holder)
+        self.destination = destination
 
 
 class UnknownNode(CloudRefusal):
@@ -83,10 +101,17 @@ class CloudBackend(Protocol):
         """VMs on the node, then migrations under way toward it (`incoming=True`)."""
         ...
 
-    async def migrate_vm(self, vm_id: str, source: str, destination: str | None) -> str:
-        """Live-migrate the VM off `source` (to `destination`, or where the cloud places it)
-        and wait until it finished; returns the node the VM is on then. Raises
-        `MigrationRefused`."""
+    async def migrate_vm(
+        self,
+        vm_id: str,
+        source: str,
+        destination: str | None,
+        avoid: Collection[str] = (),
+    ) -> str:
+        """Live-migrate the VM off `source` (to `destination`, or where the cloud places it,
+        never on a node of `avoid`) and wait until it finished; returns the node the VM is on
+        then. Raises `MigrationRefused` (with the destination tried, if any) when the cloud
+        refuses, or when the migration ends with the VM still on `source`."""
         ...
 
     async def vm_location(self, vm_id: str) -> VmLocation | None:

@@ -260,25 +260,32 @@ class CloudManagerService:
 
     async def _migrate(self, cmd: VmMigrationRequested) -> Event:
         refused: str | None = None
+        tried: str | None = None  # the destination our last migration was refused or failed on
         rounds = 0
         while True:
             location = await self._backend.vm_location(cmd.vm_id)
             step = domain.next_migration_step(
-                cmd, location, self._ctx(), refused=refused, rounds=rounds
+                cmd,
+                location,
+                self._ctx(),
+                refused=refused,
+                refused_destination=tried,
+                rounds=rounds,
             )
             rounds += 1
+            refused = tried = None
             match step:
                 case domain.Reply():
                     return step.event
                 case domain.WaitForMigration():
                     await self._backend.wait_vm_settled(step.vm_id)
-                    refused = None
                 case domain.StartMigration():
                     try:
-                        await self._backend.migrate_vm(step.vm_id, step.source, step.destination)
-                        refused = None
+                        await self._backend.migrate_vm(
+                            step.vm_id, step.source, step.destination, step.avoid
+                        )
                     except MigrationRefused as err:
-                        refused = err.reason
+                        refused, tried = err.reason, err.destination
                     except CloudRefusal as err:  # pragma: no cover - backends raise the above
                         refused = err.reason
 

@@ -182,8 +182,12 @@ def exit_(node: str, holder: str = CAMPAIGN, attempt: int = 1) -> NodeMaintenanc
     )
 
 
-def migrate(vm: str, node: str, attempt: int = 1) -> VmMigrationRequested:
-    return VmMigrationRequested(campaign_id=CAMPAIGN, vm_id=vm, node_id=node, attempt=attempt)
+def migrate(
+    vm: str, node: str, attempt: int = 1, avoid: tuple[str, ...] = ()
+) -> VmMigrationRequested:
+    return VmMigrationRequested(
+        campaign_id=CAMPAIGN, vm_id=vm, node_id=node, attempt=attempt, avoid_destinations=avoid
+    )
 
 
 # --- tests ---------------------------------------------------------------------------------
@@ -259,6 +263,46 @@ async def test_a_migration_without_room_fails_with_a_reason(rig: Rig) -> None:
     failed = await rig.ask(migrate(vm, "node-1"))
     assert isinstance(failed, VmMigrationFailed) and failed.reason
     assert (await rig.world.vm(vm)).node_id == "node-1"
+
+
+async def test_a_failed_migration_names_its_destination_and_the_retry_goes_elsewhere(
+    rig: Rig,
+) -> None:
+    rig.start_cloud_manager()
+    node = "node-1"
+    entered = await rig.ask(claim(node))
+    assert isinstance(entered, NodeMaintenanceEntered)
+    vm, other_vm = (v.vm_id for v in entered.vms[:2])
+    others = [n.id for n in await rig.world.nodes() if n.id != node]
+    # wherever the world places the VM, the migration starts there, then fails
+    for other in others:
+        await rig.world.inject_migration_faults(other, 1)
+
+    failed = await rig.ask(migrate(vm, node))
+    assert isinstance(failed, VmMigrationFailed), failed
+    tried = failed.destination_node_id
+    assert tried in others
+    assert failed.reason == f"migration of VM {vm} to {tried} failed; it is still on {node}"
+    stayed = await rig.world.vm(vm)
+    assert (stayed.node_id, stayed.status) == (node, "active")
+    assert (await rig.world.node(tried)).fail_next_migrations_to == 0  # it was tried there
+
+    # the retry avoids it; were the tried node picked again, it would fail again
+    for other in others:
+        await rig.world.inject_migration_faults(other, 1 if other == tried else 0)
+    moved = await rig.ask(migrate(vm, node, attempt=2, avoid=(tried,)))
+    assert isinstance(moved, VmMigrated), moved
+    assert moved.destination_node_id in others and moved.destination_node_id != tried
+    landed = await rig.world.vm(vm)
+    assert (landed.node_id, landed.status) == (moved.destination_node_id, "active")
+    assert (await rig.world.node(tried)).fail_next_migrations_to == 1  # never tried again
+
+    # every possible destination avoided: a failure that names none
+    nowhere = await rig.ask(migrate(other_vm, node, avoid=tuple(others)))
+    assert isinstance(nowhere, VmMigrationFailed), nowhere
+    assert nowhere.destination_node_id is None
+    assert "outside its avoided nodes" in nowhere.reason
+    assert (await rig.world.vm(other_vm)).node_id == node
 
 
 async def test_garbage_is_dead_lettered_and_the_service_keeps_working(rig: Rig) -> None:

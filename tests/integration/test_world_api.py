@@ -198,6 +198,40 @@ async def test_injected_fault_fails_the_next_upgrade(world: WorldClient) -> None
     assert (await world.node("node-5")).installed_version == "1.0.0"
 
 
+async def test_migrations_avoid_nodes_and_an_injected_fault_fails_one(world: WorldClient) -> None:
+    await wait_until_no_migrations(world)
+    source = "node-4"
+    vm = next(v for v in await world.node_vms(source) if not v.incoming and v.up)
+    others = [n.id for n in await world.nodes() if n.id != source]
+    # whichever node the world picks, the migration there starts, then fails
+    for node_id in others:
+        assert (await world.inject_migration_faults(node_id, 1)).fail_next_migrations_to == 1
+    started = await world.migrate_vm(vm.id)
+    tried = started.migration_target
+    assert tried is not None and started.status == "migrating" and started.migration_will_fail
+    assert (await world.node(tried)).fail_next_migrations_to == 0
+    await wait_until_no_migrations(world)
+    stayed = await world.vm(vm.id)
+    assert (stayed.node_id, stayed.status, stayed.migration_target) == (source, "active", None)
+    assert vm.id not in (await world.node(tried)).incoming_vm_ids
+    # avoiding it: another node, where the migration lands (the tried one would fail again)
+    for node_id in others:
+        await world.inject_migration_faults(node_id, 1 if node_id == tried else 0)
+    retry = await world.migrate_vm(vm.id, avoid=[tried])
+    assert retry.migration_target not in (tried, None) and not retry.migration_will_fail
+    await wait_until_no_migrations(world)
+    assert (await world.vm(vm.id)).node_id == retry.migration_target
+    assert (await world.node(tried)).fail_next_migrations_to == 1
+    await world.inject_migration_faults(tried, 0)
+    # every other node avoided: refused, and the refusal says why
+    with pytest.raises(WorldError) as nowhere:
+        await world.migrate_vm(
+            vm.id, avoid=[n for n in [*others, source] if n != retry.migration_target]
+        )
+    assert nowhere.value.status == 409
+    assert "outside its avoided nodes" in nowhere.value.message
+
+
 async def test_vnfm_actions(world: WorldClient) -> None:
     vnfs = await world.vnfs()
     # Earlier tests rebooted nodes: pick VNFs whose members are all up and in sync.
@@ -251,6 +285,20 @@ async def test_vnfm_actions(world: WorldClient) -> None:
         ("POST", "/v1/faults", {"json": {"node_id": "node-1", "fail_next_upgrades": -1}}, 400),
         ("POST", "/v1/faults", {"json": {"node_id": "nope", "fail_next_upgrades": 1}}, 404),
         ("POST", "/v1/vnfs/vnf-as-01/switchover", {"json": {"to_member": "nope"}}, 400),
+        ("POST", "/v1/vms/vm-001/migrate", {"json": {"avoid": "node-1"}}, 400),
+        (
+            "POST",
+            "/v1/faults/migrations",
+            {"json": {"node_id": "node-1", "fail_next_migrations_to": -1}},
+            400,
+        ),
+        ("POST", "/v1/faults/migrations", {"json": {"node_id": "node-1"}}, 400),
+        (
+            "POST",
+            "/v1/faults/migrations",
+            {"json": {"node_id": "nope", "fail_next_migrations_to": 1}},
+            404,
+        ),
     ],
 )
 async def test_bad_input_is_mapped_to_4xx_with_a_message(

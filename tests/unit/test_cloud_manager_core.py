@@ -19,6 +19,7 @@ from escalator.settings import KafkaSettings
 from escalator.world.client import WorldError
 from escalator.world.engine import WorldEngine
 from escalator.world.errors import EngineError
+from escalator.world.model import VmView
 from escalator.world.scenario import generate
 from schemas.envelope import Event
 from schemas.events import (
@@ -91,13 +92,17 @@ def exit_(holder: str = CAMPAIGN, attempt: int = 1) -> NodeMaintenanceExitReques
 
 
 def migration(
-    vm: str = "vm-a", destination: str | None = None, attempt: int = 1
+    vm: str = "vm-a",
+    destination: str | None = None,
+    attempt: int = 1,
+    avoid: tuple[str, ...] = (),
 ) -> VmMigrationRequested:
     return VmMigrationRequested(
         campaign_id=CAMPAIGN,
         vm_id=vm,
         node_id=NODE,
         destination_node_id=destination,
+        avoid_destinations=avoid,
         attempt=attempt,
     )
 
@@ -219,6 +224,43 @@ def test_refused_migration_of_an_idle_vm_on_the_source_fails() -> None:
     assert_reply_to(event, cmd)
 
 
+def test_a_failure_names_the_destination_tried_or_none_when_none_was_chosen() -> None:
+    cmd = migration()
+    idle = VmLocation("vm-a", NODE)
+    failed = reply_of(
+        domain.next_migration_step(
+            cmd,
+            idle,
+            CTX,
+            refused="migration of VM vm-a to compute-0-02 failed",
+            refused_destination="compute-0-02",
+            rounds=1,
+        )
+    )
+    assert isinstance(failed, VmMigrationFailed)
+    assert failed.destination_node_id == "compute-0-02"
+    assert failed.reason == "migration of VM vm-a to compute-0-02 failed"
+    assert_reply_to(failed, cmd)
+    nowhere = reply_of(
+        domain.next_migration_step(cmd, idle, CTX, refused="no valid destination", rounds=1)
+    )
+    assert isinstance(nowhere, VmMigrationFailed) and nowhere.destination_node_id is None
+    # failures that are about no destination at all never name one
+    unknown = reply_of(domain.next_migration_step(cmd, None, CTX, refused_destination="x"))
+    assert isinstance(unknown, VmMigrationFailed) and unknown.destination_node_id is None
+    stuck = reply_of(domain.next_migration_step(cmd, idle, CTX, rounds=MAX_MIGRATION_ROUNDS))
+    assert isinstance(stuck, VmMigrationFailed) and stuck.destination_node_id is None
+
+
+def test_a_retry_passes_its_avoided_destinations_to_the_cloud() -> None:
+    cmd = migration(attempt=2, avoid=("compute-0-02", "compute-0-04"))
+    step = domain.next_migration_step(cmd, VmLocation("vm-a", NODE), CTX)
+    assert step == StartMigration("vm-a", NODE, None, ("compute-0-02", "compute-0-04"))
+    # a VM that left the source meanwhile is reported where it is, avoided or not
+    gone = reply_of(domain.next_migration_step(cmd, VmLocation("vm-a", "compute-0-02"), CTX))
+    assert isinstance(gone, VmMigrated) and gone.destination_node_id == "compute-0-02"
+
+
 def test_refused_but_meanwhile_migrating_is_waited_for_not_failed() -> None:
     location = VmLocation("vm-a", NODE, "compute-0-05")
     step = domain.next_migration_step(migration(), location, CTX, refused="already migrating")
@@ -257,6 +299,11 @@ class FakeCloud:
         self.calls: list[str] = []
         self.unavailable = 0
         self.refuse_migration: str | None = None
+        # where migrations without a destination go, best first; those to `failing` start,
+        # then fail (the VM stays on its source)
+        self.placement = ["compute-0-02", "compute-0-04", "compute-0-05"]
+        self.failing: set[str] = set()
+        self.avoided: list[tuple[str, ...]] = []
         self.inventory_unavailable = 0
         self.inventory_calls: list[tuple[str, ...] | None] = []
 
@@ -305,11 +352,27 @@ class FakeCloud:
             if vm.node_id == node_id
         ]
 
-    async def migrate_vm(self, vm_id: str, source: str, destination: str | None) -> str:
+    async def migrate_vm(
+        self,
+        vm_id: str,
+        source: str,
+        destination: str | None,
+        avoid: Collection[str] = (),
+    ) -> str:
         self.calls.append(f"migrate {vm_id}")
+        self.avoided.append(tuple(avoid))
         if self.refuse_migration:
-            raise MigrationRefused(self.refuse_migration)
-        target = destination or "compute-0-02"
+            raise MigrationRefused(self.refuse_migration, destination=destination)
+        target = destination or next((n for n in self.placement if n not in avoid), None)
+        if target is None:
+            raise MigrationRefused(
+                f"no valid destination for VM {vm_id} outside its avoided nodes {', '.join(avoid)}"
+            )
+        if target in self.failing:
+            raise MigrationRefused(
+                f"migration of VM {vm_id} to {target} failed; it is still on {source}",
+                destination=target,
+            )
         self.vms[vm_id] = VmLocation(vm_id, target)
         return target
 
@@ -441,6 +504,34 @@ async def test_refused_migration_fails_with_the_clouds_reason() -> None:
     event = await service_over(cloud).reply_to(migration())
     assert isinstance(event, VmMigrationFailed)
     assert event.reason == "no valid destination for VM vm-a"
+
+
+async def test_a_refused_named_destination_is_named_in_the_failure() -> None:
+    cloud = FakeCloud()
+    cloud.refuse_migration = "node compute-0-03 is in maintenance"
+    event = await service_over(cloud).reply_to(migration(destination="compute-0-03"))
+    assert isinstance(event, VmMigrationFailed)
+    assert event.destination_node_id == "compute-0-03"
+
+
+async def test_a_failed_destination_is_named_and_the_retry_avoiding_it_goes_elsewhere() -> None:
+    cloud = FakeCloud()
+    cloud.failing = {"compute-0-02"}
+    service = service_over(cloud)
+    failed = await service.reply_to(migration())
+    assert isinstance(failed, VmMigrationFailed)
+    assert failed.destination_node_id == "compute-0-02" and "failed" in failed.reason
+    assert cloud.vms["vm-a"] == VmLocation("vm-a", NODE)
+    assert cloud.calls.count("migrate vm-a") == 1  # one command, one try: the sender retries
+    retry = await service.reply_to(migration(attempt=2, avoid=(failed.destination_node_id,)))
+    assert isinstance(retry, VmMigrated) and retry.destination_node_id == "compute-0-04"
+    assert cloud.avoided == [(), ("compute-0-02",)]
+    # every destination avoided: the failure names none
+    cloud.vms["vm-b"] = VmLocation("vm-b", NODE)
+    avoid_all = tuple(cloud.placement)
+    nowhere = await service.reply_to(migration("vm-b", avoid=avoid_all))
+    assert isinstance(nowhere, VmMigrationFailed) and nowhere.destination_node_id is None
+    assert "outside its avoided nodes" in nowhere.reason
 
 
 async def test_listing_an_unknown_node_cannot_be_answered() -> None:
@@ -603,10 +694,13 @@ def test_unknown_ids_are_uuids() -> None:
 
 
 class WorldOverEngine:
-    """The part of `WorldClient` the inventory uses, answered by an in-process world engine."""
+    """The part of `WorldClient` the backend uses (inventory, migrations), answered by an
+    in-process world engine. Each look at a VM lets `step_s` of world time pass (when the
+    engine's clock is a `StepClock`), so that migrations end while the backend polls."""
 
-    def __init__(self, engine: WorldEngine) -> None:
+    def __init__(self, engine: WorldEngine, clock: StepClock | None = None) -> None:
         self.engine = engine
+        self.clock = clock
         self.calls = 0
 
     async def inventory_ndjson(self, node_ids: Collection[str] | None = None) -> bytes:
@@ -617,10 +711,113 @@ class WorldOverEngine:
         except EngineError as err:  # as the HTTP API answers it
             raise WorldError(err.status, err.message) from err
 
+    async def migrate_vm(
+        self, vm_id: str, destination: str | None = None, *, avoid: Collection[str] = ()
+    ) -> VmView:
+        try:
+            return self.engine.migrate_vm(vm_id, destination, list(avoid))
+        except EngineError as err:
+            raise WorldError(err.status, err.message) from err
 
-def world_backend(engine: WorldEngine) -> tuple[WorldCloudBackend, WorldOverEngine]:
-    world = WorldOverEngine(engine)
-    return WorldCloudBackend(cast(Any, world)), world
+    async def vm(self, vm_id: str) -> VmView:
+        if self.clock is not None:
+            self.clock.now += self.clock.step_s
+        try:
+            return self.engine.vm(vm_id)
+        except EngineError as err:
+            raise WorldError(err.status, err.message) from err
+
+
+class StepClock:
+    def __init__(self, now: float = 1000.0, step_s: float = 1.0) -> None:
+        self.now = now
+        self.step_s = step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def world_backend(
+    engine: WorldEngine, clock: StepClock | None = None
+) -> tuple[WorldCloudBackend, WorldOverEngine]:
+    world = WorldOverEngine(engine, clock)
+    return WorldCloudBackend(cast(Any, world), poll_s=0), world
+
+
+def world_service(seed: int = 1) -> tuple[CloudManagerService, WorldEngine]:
+    """The Cloud Manager's command flows over the world backend over an in-process engine."""
+    clock = StepClock()
+    engine = WorldEngine(generate(nodes=6, failure_domains=2, seed=seed), clock=clock)
+    backend, _ = world_backend(engine, clock)
+    service = CloudManagerService(
+        CloudManagerSettings(),
+        backend=backend,
+        consumer=cast(GroupConsumer, None),
+        publisher=cast(EventPublisher, None),
+        clock=lambda: NOW,
+    )
+    return service, engine
+
+
+def world_migration(
+    vm: str, source: str, attempt: int = 1, avoid: tuple[str, ...] = ()
+) -> VmMigrationRequested:
+    return VmMigrationRequested(
+        campaign_id=CAMPAIGN,
+        vm_id=vm,
+        node_id=source,
+        avoid_destinations=avoid,
+        attempt=attempt,
+    )
+
+
+async def test_over_the_world_a_failed_destination_is_named_then_avoided() -> None:
+    service, engine = world_service()
+    engine.claim_maintenance("node-1", CAMPAIGN)
+    vm_id = engine.list_vms("node-1")[0].id
+    # whichever node the world picks fails the migration
+    for node_id in engine.state.nodes:
+        if node_id != "node-1":
+            engine.inject_migration_faults(node_id, 1)
+    failed = await service.reply_to(world_migration(vm_id, "node-1"))
+    assert isinstance(failed, VmMigrationFailed), failed
+    tried = failed.destination_node_id
+    assert tried is not None and tried != "node-1"
+    assert failed.reason == f"migration of VM {vm_id} to {tried} failed; it is still on node-1"
+    assert (engine.vm(vm_id).node_id, engine.vm(vm_id).status) == ("node-1", "active")
+    assert (
+        engine.node(tried).incoming_vm_ids == [] and engine.node(tried).fail_next_migrations_to == 0
+    )
+    engine.check_indexes()
+    # the retry avoids it; the tried node would fail again if it were picked
+    for node_id in engine.state.nodes:
+        engine.inject_migration_faults(node_id, 1 if node_id == tried else 0)
+    moved = await service.reply_to(world_migration(vm_id, "node-1", attempt=2, avoid=(tried,)))
+    assert isinstance(moved, VmMigrated), moved
+    assert moved.destination_node_id not in (tried, "node-1")
+    assert engine.vm(vm_id).node_id == moved.destination_node_id
+    assert engine.node(tried).fail_next_migrations_to == 1  # nothing was sent toward it
+    engine.check_indexes()
+
+
+async def test_over_the_world_a_retry_never_lands_on_an_avoided_node() -> None:
+    service, engine = world_service(seed=3)
+    engine.claim_maintenance("node-2", CAMPAIGN)
+    others = [n for n in engine.state.nodes if n != "node-2"]
+    outcomes = []
+    for i, vm in enumerate(engine.list_vms("node-2")):
+        avoid = tuple(others[: i % len(others) + 1])
+        event = await service.reply_to(world_migration(vm.id, "node-2", avoid=avoid))
+        if isinstance(event, VmMigrated):
+            assert event.destination_node_id not in avoid
+        else:
+            assert isinstance(event, VmMigrationFailed), event
+            assert event.destination_node_id is None
+            assert "outside its avoided nodes" in event.reason
+            assert engine.vm(vm.id).node_id == "node-2"
+        outcomes.append(type(event))
+        engine.check_indexes()
+    assert set(outcomes) == {VmMigrated, VmMigrationFailed}  # both cases were seen
 
 
 async def test_inventory_records_are_built_from_the_world_listing_in_one_call() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from escalator.world.engine import (
     PlacementIndex,
     WorldEngine,
+    best_destination,
     plan_evacuation,
     valid_destinations,
 )
@@ -215,6 +216,93 @@ def test_no_valid_destination(engine: WorldEngine) -> None:
         engine.claim_maintenance(node, "um-1")
     with pytest.raises(Conflict, match="no valid destination"):
         engine.migrate_vm("as-a")
+
+
+def test_avoided_nodes_are_never_picked(engine: WorldEngine) -> None:
+    # loose (on n3): free n4 4, n1 2, n2 2
+    state, vm = engine.state, engine.state.vms["loose"]
+    index = PlacementIndex.of(state)
+    assert valid_destinations(state, vm, index) == ["n4", "n1", "n2"]
+    assert valid_destinations(state, vm, index, avoid={"n4"}) == ["n1", "n2"]
+    assert best_destination(state, vm, index, avoid={"n4", "n1"}) == "n2"
+    assert best_destination(state, vm, index, avoid={"n4", "n1", "n2"}) is None
+    assert engine.migrate_vm("loose", avoid=["n4", "ghost"]).migration_target == "n1"
+    engine.check_indexes()
+
+
+def test_only_avoided_valid_destinations_make_a_refusal_that_says_so(
+    engine: WorldEngine,
+) -> None:
+    with pytest.raises(Conflict) as refused:
+        engine.migrate_vm("loose", avoid=["n4", "n1", "n2", "n4"])
+    assert refused.value.message == (
+        "no valid destination for VM loose outside its avoided nodes n4, n1, n2"
+    )
+    assert engine.vm("loose").status == "active"
+    # nothing valid even without avoiding: the plain refusal
+    for node in ("n3", "n4"):
+        engine.claim_maintenance(node, "um-1")
+    with pytest.raises(Conflict) as nowhere:
+        engine.migrate_vm("as-a", avoid=["n1"])
+    assert nowhere.value.message == "no valid destination for VM as-a"
+    engine.check_indexes()
+
+
+def test_a_named_destination_is_taken_as_named_even_if_avoided(engine: WorldEngine) -> None:
+    assert engine.migrate_vm("loose", "n4", avoid=["n4"]).migration_target == "n4"
+
+
+def test_an_injected_migration_fault_fails_on_landing_and_leaves_the_vm_on_its_source(
+    engine: WorldEngine, clock: ManualClock
+) -> None:
+    assert engine.inject_migration_faults("n4", 1).fail_next_migrations_to == 1
+    before = {n: engine.node(n).used_vcpus for n in ("n3", "n4")}
+    started = engine.migrate_vm("loose")  # placed on n4, the roomiest
+    assert (started.status, started.migration_target) == ("migrating", "n4")
+    assert started.migration_will_fail
+    # it starts like any other: room reserved, incoming on n4, the fault used up
+    assert engine.node("n4").used_vcpus == before["n4"] + 2
+    assert engine.node("n4").incoming_vm_ids == ["loose"]
+    assert engine.node("n4").fail_next_migrations_to == 0
+    engine.inventory_json()  # cache every node's inventory: the failure must invalidate it
+    engine.check_indexes()
+
+    clock.advance(0.51)
+    failed = engine.vm("loose")
+    assert (failed.status, failed.node_id, failed.migration_target, failed.up) == (
+        "active",
+        "n3",
+        None,
+        True,
+    )
+    assert not failed.migration_will_fail and failed.migration_finishes_at is None
+    assert {n: engine.node(n).used_vcpus for n in ("n3", "n4")} == before
+    assert engine.node("n4").incoming_vm_ids == [] and "loose" in engine.node("n3").vm_ids
+    assert [v.id for v in engine.list_vms("n4")] == ["big"]
+    assert engine.interruptions() == []
+    engine.check_indexes()
+
+    # only the next N: the one after lands
+    engine.migrate_vm("loose", "n4")
+    clock.advance(0.51)
+    assert engine.vm("loose").node_id == "n4"
+    engine.check_indexes()
+
+
+def test_migration_faults_count_named_destinations_and_can_be_cleared(
+    engine: WorldEngine, clock: ManualClock
+) -> None:
+    engine.inject_migration_faults("n4", 2)
+    assert engine.migrate_vm("lb-c", "n4").migration_will_fail
+    engine.inject_migration_faults("n4", 0)
+    assert not engine.migrate_vm("loose", "n4").migration_will_fail
+    clock.advance(0.51)
+    assert (engine.vm("lb-c").node_id, engine.vm("loose").node_id) == ("n3", "n4")
+    engine.check_indexes()
+    with pytest.raises(InvalidRequest):
+        engine.inject_migration_faults("n1", -1)
+    with pytest.raises(NotFound):
+        engine.inject_migration_faults("ghost", 1)
 
 
 def test_reservations_are_atomic_two_migrations_cannot_take_the_last_slot(
@@ -498,6 +586,12 @@ operations = st.one_of(
     st.tuples(st.just("drain"), st.sampled_from(["lb-a", "lb-b", "lb-c"]), st.none()),
     st.tuples(st.just("restore"), st.sampled_from(["lb-a", "lb-b", "lb-c"]), st.none()),
     st.tuples(st.just("inventory"), st.sampled_from([None, *NODE_IDS]), st.none()),
+    st.tuples(st.just("fail_migrations_to"), st.sampled_from(NODE_IDS), st.integers(0, 2)),
+    st.tuples(
+        st.just("migrate_avoiding"),
+        st.sampled_from(VM_IDS),
+        st.lists(st.sampled_from(NODE_IDS), max_size=3),
+    ),
 )
 
 
@@ -560,6 +654,13 @@ def apply(engine: WorldEngine, clock: ManualClock, op: str, subject: object, arg
         engine.restore_member("vnf-lb", str(subject))
     elif op == "inventory":
         engine.inventory_json(None if subject is None else [str(subject)])
+    elif op == "fail_migrations_to":
+        assert isinstance(arg, int)
+        engine.inject_migration_faults(str(subject), arg)
+    elif op == "migrate_avoiding":
+        assert isinstance(arg, list)
+        vm = engine.migrate_vm(str(subject), avoid=arg)
+        assert vm.migration_target not in arg
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
