@@ -89,7 +89,16 @@ def _main_pool(args: argparse.Namespace) -> int:
         if settings is None:
             return 2
         members.append(settings)
-    return run_until_interrupted(serve_pool(members))
+    return run_until_interrupted(serve_pool(members, build_executor))
+
+
+def build_executor(world: Any, settings: Any) -> Any:
+    """The executor of one node, for a process of its own and for every agent of a pool."""
+    from services.node_agent.executors import SimulatedExecutor
+
+    return SimulatedExecutor(
+        world, settings.node_id, reboot_s=settings.reboot_s, timeout_s=settings.apply_timeout_s
+    )
 
 
 async def _serve(settings: Any) -> None:
@@ -97,7 +106,6 @@ async def _serve(settings: Any) -> None:
     from escalator.settings import KafkaSettings
     from escalator.world.client import WorldClient
     from schemas.envelope import utcnow
-    from services.node_agent.executors import SimulatedExecutor
     from services.node_agent.service import NodePublisher, bootstrap
 
     kafka = KafkaSettings()
@@ -110,12 +118,7 @@ async def _serve(settings: Any) -> None:
         try:
             service = bootstrap(
                 settings,
-                executor=SimulatedExecutor(
-                    world,
-                    settings.node_id,
-                    reboot_s=settings.reboot_s,
-                    timeout_s=settings.apply_timeout_s,
-                ),
+                executor=build_executor(world, settings),
                 consumer=consumer,
                 publisher=NodePublisher(producer, kafka),
                 clock=utcnow,

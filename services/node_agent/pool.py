@@ -43,7 +43,7 @@ import asyncio
 import collections
 import logging
 import signal
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,9 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from escalator.bus import partition_for_key
 from escalator.bus.connection import client_kwargs
 from escalator.settings import KafkaSettings
+from escalator.world.client import WorldClient
 from schemas.topics import NODE_COMMANDS
+from services.node_agent.ports import Executor
 from services.node_agent.service import Clock, NodeAgentService, NodePublisher, bootstrap
 from services.node_agent.settings import NodeAgentSettings
 
@@ -369,7 +371,7 @@ class AgentPool:
         consumer: Any,
         offsets: GroupOffsets,
         publisher: NodePublisher,
-        executor_for: Any,
+        executor_for: Callable[[NodeAgentSettings], Executor],
         clock: Clock,
     ) -> None:
         if not members:
@@ -477,12 +479,14 @@ class AgentPool:
             raise failure
 
 
-async def serve_pool(members: Sequence[NodeAgentSettings]) -> None:
-    """The pool process: shared producer, consumer, offsets client and world client."""
+async def serve_pool(
+    members: Sequence[NodeAgentSettings],
+    build_executor: Callable[[WorldClient, NodeAgentSettings], Executor],
+) -> None:
+    """The pool process: shared producer, consumer, offsets client and world client;
+    `build_executor(world, settings)` makes each agent's executor, as for a single agent."""
     from escalator.bus import make_consumer, make_producer
-    from escalator.world.client import WorldClient
     from schemas.envelope import utcnow
-    from services.node_agent.executors import SimulatedExecutor
 
     kafka = KafkaSettings()
     world = WorldClient(members[0].world_url)
@@ -490,10 +494,8 @@ async def serve_pool(members: Sequence[NodeAgentSettings]) -> None:
     consumer = make_consumer(kafka, None)
     offsets = GroupOffsets(kafka)
 
-    def executor_for(settings: NodeAgentSettings) -> SimulatedExecutor:
-        return SimulatedExecutor(
-            world, settings.node_id, reboot_s=settings.reboot_s, timeout_s=settings.apply_timeout_s
-        )
+    def executor_for(settings: NodeAgentSettings) -> Executor:
+        return build_executor(world, settings)
 
     await producer.start()
     try:
