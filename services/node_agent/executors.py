@@ -1,4 +1,11 @@
-"""`SimulatedExecutor`: applies a version to a node of the simulated cloud (the world)."""
+"""`SimulatedExecutor`: applies a version to a node of the simulated cloud (the world), and
+rolls it back.
+
+Everything goes through the world's HTTP API (`WorldClient`); nothing is run in a shell. A
+rollback is a reboot into the previous version (`reboot_node(version=previous)`, the world's
+existing API), and the node's health is read from the world: up, on the expected version, its
+last reboot succeeded.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,25 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from escalator.world.client import WorldClient, WorldError
 from escalator.world.model import NodeView, RebootRecord
 from schemas.types import VersionManifest
-from services.node_agent.ports import ApplyFailed, ApplyResult, ApplySucceeded, ProgressCallback
+from services.node_agent.domain import manifest_problems
+from services.node_agent.ports import (
+    ApplyFailed,
+    ApplyResult,
+    ApplySucceeded,
+    ExecutorRecord,
+    HealthReport,
+    LastChange,
+    ProgressCallback,
+    RollbackFailed,
+    RollbackResult,
+    RollbackSucceeded,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,20 +39,6 @@ T = TypeVar("T")
 
 # A world that cannot be reached is retried this long before the apply is reported failed.
 UNREACHABLE_GRACE_S = 30.0
-
-
-def manifest_problems(manifest: VersionManifest) -> list[str]:
-    """What makes a manifest unfit to install, beyond what its schema already checks."""
-    problems: list[str] = []
-    names = [f.name for f in manifest.files]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        problems.append(f"files repeat: {', '.join(duplicates)}")
-    for name in names:
-        # A file name is installed as-is: it must not climb out of the install directory.
-        if "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
-            problems.append(f"file name {name!r} is a path, not a name")
-    return problems
 
 
 class SimulatedExecutor:
@@ -61,11 +67,100 @@ class SimulatedExecutor:
     async def installed_version(self) -> str:
         return (await self._node()).installed_version
 
+    async def record(self) -> ExecutorRecord:
+        node = await self._node()
+        reboot = node.reboot
+        last = None
+        if reboot is not None:
+            last = LastChange(
+                sequence=reboot.sequence,
+                from_version=reboot.previous_version,
+                to_version=reboot.target_version,
+                state=reboot.state,
+                started_at=datetime.fromtimestamp(reboot.started_at, UTC),
+            )
+        return ExecutorRecord(
+            installed_version=node.installed_version,
+            rebooting=node.power == "rebooting",
+            last=last,
+        )
+
+    async def health(self, expected_version: str) -> HealthReport:
+        node = await self._node()
+        problems = []
+        if node.power != "up":
+            problems.append(f"node is {node.power}")
+        if node.installed_version != expected_version:
+            problems.append(f"node runs {node.installed_version}, not {expected_version}")
+        if node.reboot is not None and node.reboot.state == "failed":
+            problems.append(f"its last reboot (#{node.reboot.sequence}) failed")
+        return HealthReport(
+            healthy=not problems,
+            installed_version=node.installed_version,
+            reason="; ".join(problems),
+        )
+
+    async def rollback(
+        self, previous_version: str, on_progress: ProgressCallback
+    ) -> RollbackResult:
+        """Reboot the node into `previous_version`. A reboot into it already under way (this
+        rollback, started before the agent restarted) is waited for, not started again; a
+        reboot toward another version under way is let finish first."""
+        node = await self._node()
+        record = node.reboot
+        resuming = (
+            node.power == "rebooting"
+            and record is not None
+            and record.state == "in_progress"
+            and record.target_version == previous_version
+        )
+        if resuming:
+            log.info(
+                "%s: a reboot into %s is already under way; waiting for it",
+                node.id,
+                previous_version,
+            )
+            await on_progress("rebooting (resumed)", 50.0)
+        else:
+            if node.power == "rebooting":
+                await on_progress("waiting for an earlier reboot", 20.0)
+                await self._wait_reboot()
+            try:
+                await self._world.reboot_node(
+                    self._node_id, duration_s=self._reboot_s, version=previous_version
+                )
+            except WorldError as err:
+                if err.status == 0 or err.status >= 500:
+                    raise
+                return RollbackFailed(
+                    reason=f"reboot refused: {err.message}",
+                    installed_version=(await self._node()).installed_version,
+                )
+            await on_progress("rebooting", 50.0)
+        try:
+            finished = await self._wait_reboot()
+        except TimeoutError as err:
+            return RollbackFailed(reason=str(err))
+        if finished.state != "succeeded":
+            return RollbackFailed(
+                reason=f"reboot #{finished.sequence} into {previous_version} failed",
+                installed_version=(await self._node()).installed_version,
+            )
+        node = await self._node()
+        if node.installed_version != previous_version:
+            return RollbackFailed(
+                reason=f"node runs {node.installed_version} after rebooting into "
+                f"{previous_version}",
+                installed_version=node.installed_version,
+            )
+        await on_progress("rebooted", 90.0)
+        return RollbackSucceeded(version=previous_version, started_here=not resuming)
+
     async def apply(self, manifest: VersionManifest, on_progress: ProgressCallback) -> ApplyResult:
         target = manifest.version
         problems = manifest_problems(manifest)
         if problems:
-            return ApplyFailed(reason="; ".join(problems), phase="verify")
+            return ApplyFailed(reason="; ".join(problems), phase="verify", retryable=False)
         await on_progress("verified", 10.0)
         node = await self._node()
         record = node.reboot
@@ -142,3 +237,6 @@ class SimulatedExecutor:
                 log.warning("world unreachable (%s); retrying in %.1fs", err.message, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+__all__ = ["UNREACHABLE_GRACE_S", "SimulatedExecutor", "manifest_problems"]

@@ -24,6 +24,21 @@ class NodeAgentSettings(BaseSettings):
     apply_timeout_s: float = Field(
         default=600.0, gt=0, description="How long a reboot may take before the apply fails."
     )
+    max_apply_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Times a failed upgrade is applied before the node is rolled back.",
+    )
+    apply_backoff_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="Pause after the first failed apply; doubled after each further failure.",
+    )
+    apply_backoff_max_s: float = Field(
+        default=120.0, ge=0, le=3600, description="Longest pause between two apply attempts."
+    )
     shutdown_timeout_s: float = Field(
         default=30.0,
         ge=0,
