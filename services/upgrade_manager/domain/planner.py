@@ -265,6 +265,11 @@ class PlanStep:
     unexamined: int = 0
 
 
+# Bounds of the backtracking placement (see `_Capacity._search`).
+SEARCH_MAX_HOSTS = 200
+SEARCH_MAX_STEPS = 20_000
+
+
 class _Capacity:
     """Free room on the available hosts, for one planning step; mutated as nodes are added.
 
@@ -351,13 +356,64 @@ class _Capacity:
         """Room for every VM, largest first, not recorded as placed (see `place`); None, with
         nothing reserved, if one does not fit."""
         chosen: list[tuple[VmLoad, str]] = []
-        for vm in sorted(vms, key=lambda v: (-v.vcpus, -v.ram_mb, v.vm_id)):
+        ordered = sorted(vms, key=lambda v: (-v.vcpus, -v.ram_mb, v.vm_id))
+        for vm in ordered:
             destination = self._pick(vm, rules)
             if destination is None:
                 self.unreserve(chosen)
-                return None
+                return self._search(ordered, rules)
             chosen.append((vm, destination))
         return chosen
+
+    def _search(
+        self, ordered: list[VmLoad], rules: Mapping[str, VnfRule]
+    ) -> list[tuple[VmLoad, str]] | None:
+        """Backtracking, when best fit found no room: anti-affinity makes greedy packing miss
+        placements that exist (a small cloud with few free slots, VNFs on most of its nodes).
+        Bounded, so a decision stays cheap: only on clouds of at most SEARCH_MAX_HOSTS hosts
+        in service, and at most SEARCH_MAX_STEPS tries; None means no placement was found."""
+        hosts = list(self.free)
+        if len(hosts) > SEARCH_MAX_HOSTS:
+            return None
+        chosen: list[tuple[VmLoad, str]] = []
+        steps = 0
+
+        def fits(node_id: str, vm: VmLoad) -> bool:
+            cpu, ram = self.free[node_id]
+            return (
+                cpu >= vm.vcpus and ram >= vm.ram_mb and self._separated(node_id, vm.vnf_id, rules)
+            )
+
+        def go(index: int) -> bool:
+            nonlocal steps
+            if index == len(ordered):
+                return True
+            vm = ordered[index]
+            for node_id in sorted(hosts, key=lambda h: (self.free[h], h)):
+                if not fits(node_id, vm):
+                    continue
+                steps += 1
+                if steps > SEARCH_MAX_STEPS:
+                    return False
+                self._take_room(node_id, vm)
+                chosen.append((vm, node_id))
+                if go(index + 1):
+                    return True
+                chosen.pop()
+                self._give_back(node_id, vm)
+            return False
+
+        if go(0):
+            return chosen
+        self.unreserve(chosen)
+        return None
+
+    def _take_room(self, node_id: str, vm: VmLoad) -> None:
+        cpu, ram = self.free[node_id]
+        self._set(node_id, cpu - vm.vcpus, ram - vm.ram_mb)
+        if vm.vnf_id is not None:
+            members = self.added.setdefault(node_id, {})
+            members[vm.vnf_id] = members.get(vm.vnf_id, 0) + 1
 
     def unreserve(self, chosen: Iterable[tuple[VmLoad, str]]) -> None:
         for vm, node_id in chosen:
@@ -401,11 +457,7 @@ class _Capacity:
                 del rooms[index]
         if found is None:
             return None
-        cpu, ram = free[found]
-        self._set(found, cpu - vm.vcpus, ram - vm.ram_mb)
-        if vm.vnf_id is not None:
-            members = self.added.setdefault(found, {})
-            members[vm.vnf_id] = members.get(vm.vnf_id, 0) + 1
+        self._take_room(found, vm)
         return found
 
     def _give_back(self, node_id: str, vm: VmLoad) -> None:
