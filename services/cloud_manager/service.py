@@ -171,6 +171,11 @@ class CloudManagerService:
 
     async def _on_command(self, cmd: AnyCommand, info: RecordInfo) -> None:
         """Start the command's work in the background; its offset stays held until replied."""
+        if cmd.campaign_id is None:
+            # Its reply could not be keyed on the campaign-keyed events topic: refuse it before
+            # touching the cloud, so it can never hold the partition.
+            await self._dead_letter(cmd, info, "a cloud command needs a campaign_id to be answered")
+            return
         tp = TopicPartition(info.topic, info.partition)
         exclusive = isinstance(cmd, NodeMaintenanceRequested | NodeMaintenanceExitRequested)
         before = self._lanes.prerequisites(cmd.node_id, exclusive=exclusive)

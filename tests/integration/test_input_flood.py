@@ -166,7 +166,8 @@ def _default(settings_class: Any, name: str) -> str:
 # Found by this test; each marks the checks it breaks as strict xfails (an XPASS fails: remove
 # the marker once the bug is fixed). See the module doc.
 CODEC_RAISES = (
-    "FIXED, was: schemas/codec.py decode(): json.loads raises a plain ValueError (not JSONDecodeError) "
+    "FIXED; was: "
+    "schemas/codec.py decode(): json.loads raises a plain ValueError (not JSONDecodeError) "
     "on an integer literal longer than 4,300 digits (CPython's int_max_str_digits); decode "
     "catches only (JSONDecodeError, RecursionError), so it raises. EventConsumer dead-letters "
     "the record as consumer_error, the Upgrade Manager as handler_error, and the compacted-topic "
@@ -175,19 +176,22 @@ CODEC_RAISES = (
     "(heartbeats, inventory, registry) is frozen from then on."
 )
 CM_NULL_CAMPAIGN = (
-    "BUG services/cloud_manager/service.py _answer(): a valid command with campaign_id null gets "
+    "FIXED; was: "
+    "services/cloud_manager/service.py _answer(): a valid command with campaign_id null gets "
     "a reply that CLOUD_EVENTS cannot key (TopicSpec.key_for raises ValueError in _publish); "
     "the exception escapes _answer before gate.release(), so the command is neither answered "
     "nor dead-lettered and the CommitGate holds the partition's committed offset at it forever."
 )
 DEAD_LETTER_TOO_LARGE = (
-    "FIXED, was: escalator/bus/consumer.py dead_letter_for(): the value is capped at 512 KiB but the "
+    "FIXED; was: "
+    "escalator/bus/consumer.py dead_letter_for(): the value is capped at 512 KiB but the "
     "key and headers are copied whole (base64: +33%); a record with a large key makes a dead "
     "letter above the producer's max_request_size, MessageSizeTooLargeError is retried for "
     "ever (_dead_letter / deliver_dead_letter) and the partition is stuck behind it."
 )
 TOMBSTONE_KEY = (
-    "FIXED, was: a tombstone whose key is not UTF-8 on a compacted topic kills the view that follows "
+    "FIXED; was: "
+    "a tombstone whose key is not UTF-8 on a compacted topic kills the view that follows "
     "it: services/upgrade_manager/cloud_view.py apply_registry/apply_inventory and "
     "escalator/registry.py VnfRegistry.apply call key.decode() on a deletion, the "
     "UnicodeDecodeError escapes CompactedFollower._on_record (escalator/bus/follower.py) and "
@@ -195,7 +199,8 @@ TOMBSTONE_KEY = (
     "silently: the inventory and registry views stop changing."
 )
 RECOVERY_OVERFLOW = (
-    "FIXED, was: services/vnfm_adapter/domain.py _start_recovery(): ctx.now + "
+    "FIXED; was: "
+    "services/vnfm_adapter/domain.py _start_recovery(): ctx.now + "
     "timedelta(seconds=profile.min_recovery_s) raises OverflowError for a registered VNF whose "
     "min_recovery_s is above ~2.5e11 s, which VnfProfile accepts (ge=0, no upper bound): every "
     "NodeAvailable naming that VNF fails, is retried, dead-lettered as handler_error, and the "
@@ -776,8 +781,7 @@ def test_a_campaign_completes_after_the_flood(flooded: Flood) -> None:
 
 
 def _role_param(role: str) -> Any:
-    marks = [known_bug(CM_NULL_CAMPAIGN)] if role == CM else []
-    return pytest.param(role, marks=marks, id=role)
+    return pytest.param(role, id=role)
 
 
 @apply(FLOOD)
