@@ -14,6 +14,7 @@ from typing import Any
 
 from schemas.envelope import Event
 from schemas.events import (
+    CampaignAbortStarted,
     CampaignCompleted,
     CampaignFailed,
     CampaignPaused,
@@ -147,6 +148,8 @@ class CampaignBoard:
                     view.state, view.ended_at, view.reason = "running", None, ""
             case CampaignPaused():
                 view.state, view.reason = "paused", event.reason
+            case CampaignAbortStarted():
+                view.state, view.reason = "aborting", event.reason
             case CampaignResumed():
                 view.state, view.reason = "running", ""
             case OperatorRequestRejected():

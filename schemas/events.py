@@ -323,6 +323,19 @@ class CampaignPaused(Event):
     reason: str = Field(default="", description="The operator's reason.", examples=["peak hour"])
 
 
+class CampaignAbortStarted(Event):
+    """An operator's abort is under way: no node starts; the campaign fails once drained."""
+
+    event_type: Literal["CampaignAbortStarted"] = type_field("CampaignAbortStarted")
+    reason: str = Field(
+        description="The abort's reason, as the campaign will end with.",
+        examples=["aborted by the operator: bad build (upgrading nodes: finish)"],
+    )
+    upgrading: OnAbortUpgrading = Field(
+        description="What happens to the nodes upgrading now.", examples=[OnAbortUpgrading.FINISH]
+    )
+
+
 class CampaignResumed(Event):
     """A paused campaign starts nodes again."""
 
@@ -995,6 +1008,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     NodeRetryRequested,
     CampaignPaused,
     CampaignResumed,
+    CampaignAbortStarted,
     OperatorRequestRejected,
     NodeCycleAdvanced,
     NodeMaintenanceRequested,

@@ -64,6 +64,7 @@ CAMPAIGNS = TopicSpec(
         ev.NodeRetryRequested,
         ev.CampaignPaused,
         ev.CampaignResumed,
+        ev.CampaignAbortStarted,
         ev.OperatorRequestRejected,
     ),
     producers=(Service.OPERATOR_CLI, Service.UPGRADE_MANAGER),

@@ -14,6 +14,7 @@ from typing import Any
 from schemas.envelope import Event, command_id
 from schemas.events import (
     CampaignAbortRequested,
+    CampaignAbortStarted,
     CampaignPaused,
     CampaignPauseRequested,
     CampaignResumed,
@@ -112,6 +113,13 @@ def abort(txn: Txn, request: CampaignAbortRequested) -> None:
         reason=reason,
         abort_upgrading=request.upgrading.value,
         waiting="",
+    )
+    txn.emit(
+        CampaignAbortStarted(
+            **_fact_envelope(txn, request, "abort-started"),
+            reason=reason,
+            upgrading=request.upgrading,
+        )
     )
     if request.upgrading is OnAbortUpgrading.ROLLBACK:
         for node_id in txn.campaign.active:

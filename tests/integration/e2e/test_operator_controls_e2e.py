@@ -28,7 +28,8 @@ async def wait_until(predicate, timeout_s: float = 60.0, every_s: float = 0.2) -
 
 
 async def test_pause_holds_new_nodes_and_resume_completes(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=3, domains=3, seed=0, speed=20)
+    # Slow enough (3 s reboots at speed 1) that the CLI's pause lands while the campaign runs.
+    d: E2EDeployment = deploy(nodes=3, domains=3, seed=0, speed=1)
     before = await d.prepare()
     await d.start_campaign(campaign_id, max_parallel=1)
 
@@ -67,7 +68,7 @@ async def test_pause_holds_new_nodes_and_resume_completes(deploy, campaign_id: s
 
 
 async def test_abort_leaves_no_node_in_maintenance(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=4, domains=2, seed=1, speed=20)
+    d: E2EDeployment = deploy(nodes=4, domains=2, seed=1, speed=2)
     before = await d.prepare()
     await d.start_campaign(campaign_id, max_parallel=1)
 
@@ -91,7 +92,7 @@ async def test_abort_leaves_no_node_in_maintenance(deploy, campaign_id: str) -> 
 
 
 async def test_second_campaign_on_a_held_node_is_rejected(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=3, domains=3, seed=2, speed=20)
+    d: E2EDeployment = deploy(nodes=3, domains=3, seed=2, speed=1)
     await d.prepare()
     await d.start_campaign(campaign_id, max_parallel=1)
     other = f"{campaign_id}-second"
