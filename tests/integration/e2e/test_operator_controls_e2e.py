@@ -68,7 +68,7 @@ async def test_pause_holds_new_nodes_and_resume_completes(deploy, campaign_id: s
 
 
 async def test_abort_leaves_no_node_in_maintenance(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=4, domains=2, seed=1, speed=2)
+    d: E2EDeployment = deploy(nodes=4, domains=2, seed=1, speed=0.5, timeout_s=240)
     before = await d.prepare()
     await d.start_campaign(campaign_id, max_parallel=1)
 
