@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: venv test test-tansu unit lint typecheck demo broker clean fmt bench
+.PHONY: venv test test-all test-tansu unit lint typecheck demo broker clean fmt bench chaos
 
 venv: $(STAMP)
 
@@ -14,7 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
+# What CI runs (.ci/run): everything but the tests marked slow, within the 15-minute budget.
 test: venv
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow"
+
+# Everything, slow tests included (the input flood, SASL/TLS brokers, every restart point).
+test-all: venv
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 # Everything that does not need Apache Kafka semantics, on the Python-only Tansu broker.
@@ -45,6 +50,12 @@ demo: venv
 # `make bench BENCH_ARGS="--sections overhead --quick"` passes flags to `python -m bench`.
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Chaos suite (issue 6): N seeded campaigns (default 20) on the launcher's broker, services
+# SIGKILLed and restarted at random moments. Prints the pass table, writes .cache/chaos/*.json,
+# exits non-zero on any broken invariant. `make chaos N=50`; ESCALATOR_CHAOS_FIRST_SEED=21 too.
+chaos: venv
+	ESCALATOR_CHAOS_RUNS=$(or $(N),20) $(BIN)/python -m pytest -p no:cacheprovider tests/chaos -m slow -q
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .hypothesis
