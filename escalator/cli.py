@@ -246,6 +246,12 @@ def upgrade_start(
     failure_budget: Annotated[
         int | None, typer.Option("--failure-budget", help="Failed nodes that halt the campaign.")
     ] = None,
+    keep_order: Annotated[
+        bool,
+        typer.Option(
+            "--keep-order", help="Consider nodes in the --nodes order, not most-constrained first."
+        ),
+    ] = False,
     campaign_id: Annotated[str | None, typer.Option("--campaign-id")] = None,
     requested_by: Annotated[str, typer.Option("--requested-by")] = "operator",
 ) -> None:
@@ -272,6 +278,7 @@ def upgrade_start(
             "window_start": window_start,
             "window_end": window_end,
             "failure_budget": failure_budget,
+            "keep_order": keep_order,
         },
     )
     settings = kafka_settings()
@@ -309,6 +316,9 @@ def plan_command(
     upgrade_s: Annotated[float | None, typer.Option("--upgrade-s", help="Default 3.0.")] = None,
     release_s: Annotated[float | None, typer.Option("--release-s", help="Default 0.2.")] = None,
     migrate_moved_vms: Annotated[bool, typer.Option("--migrate-moved-vms")] = False,
+    keep_order: Annotated[
+        bool, typer.Option("--keep-order", help="Nodes in the --nodes order, as upgrade start.")
+    ] = False,
     start_at: Annotated[
         str | None, typer.Option("--start-at", help="When it would start (ISO 8601; now).")
     ] = None,
@@ -339,6 +349,7 @@ def plan_command(
                 "window_end": window_end,
                 "failure_budget": failure_budget,
                 "migrate_moved_vms": migrate_moved_vms,
+                "keep_order": keep_order,
             },
             durations={
                 "claim_s": claim_s,

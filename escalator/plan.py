@@ -77,6 +77,7 @@ def build_policy(
     window_end: str | datetime | None = None,
     failure_budget: int | None = None,
     migrate_moved_vms: bool = False,
+    keep_order: bool = False,
 ) -> CampaignPolicy:
     """The campaign policy `upgrade start` would send, validated the same way (PlanError)."""
     from schemas.events import CampaignPolicy
@@ -92,6 +93,7 @@ def build_policy(
                 "window_end": window_end,
                 "failure_budget": failure_budget,
                 "migrate_moved_vms": migrate_moved_vms,
+                "keep_order": keep_order,
             }
         )
     except ValidationError as exc:
@@ -320,8 +322,10 @@ def make_plan(
     *,
     start: datetime,
     migrate_moved_vms: bool = False,
+    keep_order: bool = False,
 ) -> Plan:
-    """Forecast the campaign over `nodes` (all the inventory's nodes, sorted, when empty)."""
+    """Forecast the campaign over `nodes` (all the inventory's nodes, sorted, when empty);
+    with `keep_order` the nodes are considered in that order, as the manager would."""
     from services.upgrade_manager.domain.forecast import forecast, lower_bound
 
     chosen = tuple(nodes) if nodes else tuple(sorted(inputs.cloud.hosts))
@@ -333,6 +337,7 @@ def make_plan(
         durations,
         start=start,
         migrate_moved_vms=migrate_moved_vms,
+        order=chosen if keep_order else None,
     )
     bound = lower_bound(
         inputs.cloud, inputs.rules, limits, chosen, durations, migrate_moved_vms=migrate_moved_vms
@@ -378,6 +383,7 @@ def plan_from_options(
         steps,
         start=start,
         migrate_moved_vms=built.migrate_moved_vms,
+        keep_order=built.keep_order,
     )
 
 

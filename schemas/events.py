@@ -162,6 +162,13 @@ class CampaignPolicy(ValueModel):
         "have failed (null: never halt).",
         examples=[2],
     )
+    keep_order: bool = Field(
+        default=False,
+        description="Consider nodes in the order the request lists them. False: the planner "
+        "considers the most constrained nodes first, which shortens the campaign. Either way a "
+        "blocked node never holds back the nodes behind it.",
+        examples=[False],
+    )
 
     @model_validator(mode="after")
     def _window_ordered(self) -> Self:
@@ -197,7 +204,8 @@ class UpgradeRequested(Event):
     nodes: tuple[NodeId, ...] | None = Field(
         default=None,
         max_length=100_000,
-        description="Nodes to upgrade, in the operator's order; null means every compute node.",
+        description="Nodes to upgrade; null means every compute node. The planner orders "
+        "them unless policy.keep_order is set.",
         examples=[["compute-0-01", "compute-0-02"]],
     )
     policy: CampaignPolicy = Field(

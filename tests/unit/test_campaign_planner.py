@@ -218,3 +218,39 @@ def test_a_re_admitted_quarantined_node_starts_and_its_partner_waits_for_it() ->
     d.feed(NodeRetryRequested(campaign_id=CAMPAIGN, producer="operator-cli", node_id=first))
     assert claimed(d).count(first) == 2, "the re-admitted node is claimed again"
     assert partner not in claimed(d)
+
+
+def cloud_with_a_hub() -> tuple[Cloud, dict[str, VnfRule]]:
+    """n3 shares a one-at-a-time VNF with each of n1, n2 and n4: the most constrained node."""
+
+    def load(vm_id: str, vnf_id: str) -> VmLoad:
+        return VmLoad(vm_id, vnf_id, 2, 2048)
+
+    placed = {
+        "n1": [load("a1", "a")],
+        "n2": [load("b1", "b")],
+        "n3": [load("a2", "a"), load("b2", "b"), load("c1", "c")],
+        "n4": [load("c2", "c")],
+    }
+    hosts = [Host.of(n, "fd0", 16, 32768, placed[n]) for n in NODES]
+    hosts += [Host.of("spare0", "fd0", 16, 32768, ())]
+    rules = {v: VnfRule(v, 2, 1, 1) for v in ("a", "b", "c")}
+    return Cloud(hosts), rules
+
+
+@pytest.mark.parametrize(
+    ("keep_order", "first"),
+    [(False, "n3"), (True, "n1")],
+    ids=["planner-order", "keep-order"],
+)
+def test_the_planner_orders_the_nodes_unless_the_request_keeps_its_order(
+    keep_order: bool, first: str
+) -> None:
+    cloud, rules = cloud_with_a_hub()
+    d = Driver(NODES, cloud=cloud, rules=rules)
+    d.start(max_parallel=1, keep_order=keep_order)
+    assert claimed(d) == [first]
+    assert d.state is not None
+    order = d.state.plan.node_order
+    assert (order == NODES) is keep_order
+    assert order[0] == first

@@ -158,7 +158,7 @@ def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) ->
     nodes, problem = campaign_nodes(request, ctx)
     if not problem:
         problem = claimed_elsewhere(campaign_id, nodes, ctx)
-    if not problem and ctx.cloud is not None:
+    if not problem and ctx.cloud is not None and not request.policy.keep_order:
         nodes = tuple(priority_order(ctx.cloud, ctx.rules, nodes))
     plan = CampaignPlan(
         campaign_id=campaign_id,

@@ -425,10 +425,14 @@ def last_time(events: Iterable[Event]) -> datetime:
 
 def steps_of(events: Iterable[Event], node_id: str) -> list[NodeStep]:
     """The node's steps in order; a step repeated with a new detail (say, a VNFM deadline
-    extended) counts once."""
+    extended) counts once. Before its first claim a node may be reported PENDING with what
+    blocks it (the planner's "waiting (...)"): that is not a step of its cycle, so it is left
+    out."""
     steps: list[NodeStep] = []
     for e in events:
         if isinstance(e, NodeCycleAdvanced) and e.node_id == node_id:
+            if not steps and e.step is NodeStep.PENDING:
+                continue
             if not steps or steps[-1] is not e.step:
                 steps.append(e.step)
     return steps

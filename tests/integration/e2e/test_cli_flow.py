@@ -28,7 +28,10 @@ async def test_status_and_watch_follow_a_campaign(deploy, campaign_id: str) -> N
     )
     await d.prepare()
     campaign_nodes = d.node_ids[:2]  # the other two stay out of this campaign
-    await d.start_campaign(campaign_id, nodes=campaign_nodes, vnfm_timeout_s=30)
+    # --keep-order: the status read below expects the first listed node to go first.
+    await d.start_campaign(
+        campaign_id, nodes=campaign_nodes, vnfm_timeout_s=30, extra=["--keep-order"]
+    )
     watch = asyncio.create_task(d.cli("watch", campaign_id, "--timeout", "60", timeout_s=90))
 
     during: list[dict] = []
