@@ -246,6 +246,14 @@ def upgrade_start(
     failure_budget: Annotated[
         int | None, typer.Option("--failure-budget", help="Failed nodes that halt the campaign.")
     ] = None,
+    stall_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--stall-timeout-s",
+            min=0.001,
+            help="Fail after this long with nothing in its cycle and nothing able to start.",
+        ),
+    ] = 1800.0,
     keep_order: Annotated[
         bool,
         typer.Option(
@@ -278,6 +286,7 @@ def upgrade_start(
             "window_start": window_start,
             "window_end": window_end,
             "failure_budget": failure_budget,
+            "stall_timeout_s": stall_timeout_s,
             "keep_order": keep_order,
         },
     )

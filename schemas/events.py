@@ -162,6 +162,16 @@ class CampaignPolicy(ValueModel):
         "have failed (null: never halt).",
         examples=[2],
     )
+    stall_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="Seconds the campaign may sit with no node in its cycle and no pending node "
+        "able to start (no room for its VMs, a VNF impacted outside the campaign, agents "
+        "silent) before it fails with what blocks the nodes. Timed waits (recovery, canary "
+        "bake, the window's opening, a deferral) are not a stall.",
+        examples=[1800.0],
+    )
     keep_order: bool = Field(
         default=False,
         description="Consider nodes in the order the request lists them. False: the planner "

@@ -254,3 +254,57 @@ def test_the_planner_orders_the_nodes_unless_the_request_keeps_its_order(
     order = d.state.plan.node_order
     assert (order == NODES) is keep_order
     assert order[0] == first
+
+
+def crowded_cloud(room_on_c: int) -> Cloud:
+    """Node a's two 6-vCPU VMs can go only to c, which has `room_on_c` vCPUs free."""
+    return Cloud(
+        [
+            Host.of("a", "fd", 16, 65536, [VmLoad(f"vm{i}", None, 6, 1024) for i in range(2)]),
+            Host.of("c", "fd", 16, 65536, [VmLoad("big", None, 16 - room_on_c, 1024)]),
+        ]
+    )
+
+
+def test_a_campaign_that_can_start_nothing_and_runs_nothing_fails_after_the_stall_timeout() -> None:
+    d = Driver(("a",), cloud=crowded_cloud(room_on_c=4), rules={})
+    d.start(max_parallel=1, stall_timeout_s=600)
+    assert claimed(d) == []
+    assert d.state is not None
+    assert d.state.campaign.stalled_since == T0
+    assert d.state.campaign.waiting.startswith("stalled since 04:00:00Z, fails at 04:10:00Z: ")
+    assert "capacity" in d.state.campaign.waiting
+    d.tick(599)
+    assert d.status is CampaignStatus.RUNNING
+    d.tick(1)
+    assert d.status is CampaignStatus.FAILED
+    failed = d.one(CampaignFailed)
+    assert failed.reason.startswith("stalled for 600 s: no node in its cycle")
+    assert "capacity" in failed.reason
+    assert d.step("a") is NodeStep.PENDING and claimed(d) == []
+
+
+def test_a_stall_that_clears_starts_the_node_and_restarts_the_clock() -> None:
+    d = Driver(("a",), cloud=crowded_cloud(room_on_c=4), rules={})
+    d.start(max_parallel=1, stall_timeout_s=600)
+    d.tick(500)
+    assert d.status is CampaignStatus.RUNNING and claimed(d) == []
+    d.cloud = crowded_cloud(room_on_c=12)  # say, a tenant deleted a VM on c
+    d.tick(1)
+    assert claimed(d) == ["a"]
+    assert d.state is not None and d.state.campaign.stalled_since is None
+    d.tick(600)
+    assert d.status is CampaignStatus.RUNNING
+
+
+def test_timed_waits_are_not_a_stall() -> None:
+    # The partner waits 10 s for its VNF to recover, longer than the 5 s stall timeout.
+    d = planned()
+    d.start(max_parallel=4, stall_timeout_s=5)
+    for node in claimed(d):
+        run_to_exit(d, node)
+    d.tick(6)
+    assert d.status is CampaignStatus.RUNNING
+    assert d.state is not None and d.state.campaign.stalled_since is None
+    d.tick(5)
+    assert len(claimed(d)) == 4

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
 
@@ -42,7 +43,7 @@ from schemas.events import (
 
 from . import controls
 from . import node_cycle as cycle
-from .commands import clip, envelope, in_flight_commands, listing, round_part
+from .commands import clip, clock, envelope, in_flight_commands, listing, round_part
 from .controls import ControlRequest
 from .planner import Limits, PlanStep, Progress, plan_step, priority_order
 from .state import (
@@ -314,6 +315,9 @@ class Selection:
     waiting: str = ""
     # The first nodes in line that the planner passed over, with what blocks each.
     blocked: tuple[tuple[str, str], ...] = ()
+    # Some pending node will become startable by the clock alone: a deferral's retry time, or a
+    # blocker with an end (recovery, canary bake, the window's opening). Not a stall.
+    timed_wait: bool = False
 
 
 def select_next(
@@ -335,11 +339,15 @@ def select_next(
     candidates: list[str] = []
     at_target: list[str] = []
     no_heartbeat: list[str] = []
+    retry_later = False
     for node_id in islice(order, scan_from, None):
         if slots <= 0 and not planning:
             break
         record = nodes[node_id]
-        if record.step is not NodeStep.PENDING or record.waiting_to_retry(ctx.now):
+        if record.step is not NodeStep.PENDING:
+            continue
+        if record.waiting_to_retry(ctx.now):
+            retry_later = True
             continue
         agent = ctx.agents.get(node_id)
         if agent is None or not agent.is_live(ctx.now, plan.policy.agent_liveness_s):
@@ -350,7 +358,9 @@ def select_next(
             candidates.append(node_id)
             slots -= 1
     if ctx.cloud is None:
-        return Selection(tuple(candidates), tuple(at_target), tuple(no_heartbeat), scan_from)
+        return Selection(
+            tuple(candidates), tuple(at_target), tuple(no_heartbeat), scan_from, timed_wait=True
+        )
     step = plan_step(
         ctx.cloud,
         ctx.rules,
@@ -370,6 +380,9 @@ def select_next(
             (node_id, f"waiting ({blocked.reason.value}): {blocked.detail}")
             for node_id, blocked in islice(step.blocked.items(), EXPLAINED_BLOCKERS)
         ),
+        timed_wait=retry_later
+        or step.unexamined > 0
+        or any(b.until is not None for b in step.blocked.values()),
     )
 
 
@@ -423,7 +436,12 @@ def fill_slots(txn: Txn) -> None:
     if txn.ctx.cloud is not None and not txn.replan:
         return  # nothing the planner reads has changed since it last ran
     selection = select_next(txn.plan, campaign, txn.nodes, txn.ctx)
-    txn.update_campaign(scan_from=selection.scan_from, waiting=selection.waiting)
+    since = stalled_since(txn, selection)
+    waiting = selection.waiting
+    if since is not None:
+        fails_at = since + timedelta(seconds=txn.policy.stall_timeout_s)
+        waiting = clip(f"stalled since {clock(since)}, fails at {clock(fails_at)}: {waiting}")
+    txn.update_campaign(scan_from=selection.scan_from, waiting=waiting, stalled_since=since)
     for node_id in selection.no_heartbeat:
         cycle.mark_blocked(txn, _node(txn, node_id), cycle.NO_HEARTBEAT)
     for node_id, detail in selection.blocked:
@@ -432,6 +450,20 @@ def fill_slots(txn: Txn) -> None:
         cycle.mark_already_at_target(txn, _node(txn, node_id))
     for node_id in selection.start:
         cycle.start_claim(txn, _node(txn, node_id))
+
+
+def stalled_since(txn: Txn, selection: Selection) -> datetime | None:
+    """When the campaign's current stall began: nothing in its cycle, nothing starting or
+    finishing at its target now, nothing the clock alone will unblock; None when not stalled."""
+    stalled = (
+        not txn.campaign.active
+        and not selection.start
+        and not selection.already_at_target
+        and not selection.timed_wait
+    )
+    if not stalled:
+        return None
+    return txn.campaign.stalled_since or txn.ctx.now
 
 
 def advance_campaign(txn: Txn) -> None:
@@ -491,6 +523,12 @@ def halt_reason(txn: Txn) -> str:
         return (
             f"failure budget spent: {campaign.failed} node(s) failed, budget "
             f"{policy.failure_budget}"
+        )
+    since = campaign.stalled_since
+    if since is not None and (txn.ctx.now - since).total_seconds() >= policy.stall_timeout_s:
+        return (
+            f"stalled for {policy.stall_timeout_s:g} s: no node in its cycle and no pending "
+            f"node could start ({campaign.waiting or 'no node agent live'})"
         )
     end = policy.window_end
     if end is not None and txn.ctx.now >= end:

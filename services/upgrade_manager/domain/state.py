@@ -174,6 +174,9 @@ class CampaignRecord(ValueModel):
     recent_releases: tuple[Release, ...] = ()
     # Why the PENDING nodes wait, as the planner last found (a summary for `escalator status`).
     waiting: str = ""
+    # Since when no node has been in its cycle while no pending node could start, with no timed
+    # wait to end (None: not stalled). The campaign fails after policy.stall_timeout_s of it.
+    stalled_since: AwareDatetime | None = None
     # Set by an operator's abort: what happens to nodes upgrading ("finish" or "rollback").
     abort_upgrading: str | None = None
     # Operator control requests already applied (bounded), so that redeliveries change nothing.
