@@ -842,6 +842,12 @@ class NodeUpgradeFailed(Event):
         "service; false keeps it quarantined in maintenance.",
         examples=[True],
     )
+    untouched: bool = Field(
+        default=False,
+        description="The agent refused the upgrade before changing anything (for example an "
+        "unfit manifest): the node is as it was and may return to service.",
+        examples=[False],
+    )
 
 
 class NodeRollbackRequested(Event):

@@ -880,6 +880,8 @@ def _refuse_upgrade(
             reason=reason,
             phase=phase,
             installed_version=state.installed_version,
+            # A manifest refused at validation changed nothing; a busy node is mid-job.
+            untouched=phase == VALIDATE_PHASE,
         )
     )
 

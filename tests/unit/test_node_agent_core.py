@@ -804,6 +804,7 @@ def test_an_unfit_manifest_is_refused_in_validate_and_nothing_is_applied() -> No
     assert_reply_to(refused, bad)
     assert refused.phase == "validate" and "1.9.0" in refused.reason
     assert (refused.rolled_back, refused.installed_version) == (False, "1.0.0")
+    assert refused.untouched  # the manager may return the node to service
     # the same answer (same id) for a redelivery
     assert decide(state, bad, CTX) == (state, commands)
 

@@ -538,6 +538,30 @@ def test_upgrade_failure_rolled_back_and_healthy_returns_the_node_to_service() -
     assert d.state is not None and d.state.campaign.failed == 1
 
 
+def test_an_upgrade_refused_before_any_change_returns_the_node_to_service() -> None:
+    d = Driver(["n1", "n2"])
+    d.start()
+    upgrade = drive_to_upgrading(d)
+    d.feed(
+        reply(
+            upgrade,
+            NodeUpgradeFailed,
+            node_id="n1",
+            reason="manifest refused: nova-1.9.0.rpm is not of version 29.1.0",
+            phase="validate",
+            installed_version=OLD,
+            untouched=True,
+        )
+    )
+    assert d.step("n1") is NodeStep.RELEASING
+    exited(d, "n1")
+    record = d.node("n1")
+    assert record.step is NodeStep.FAILED
+    assert "manifest refused" in record.detail and "nothing was changed" in record.detail
+    assert "quarantined" not in record.detail
+    assert d.state is not None and d.state.campaign.failed == 1
+
+
 def test_upgrade_failure_rolled_back_but_unhealthy_stays_quarantined() -> None:
     d = Driver(["n1"])
     d.start()

@@ -381,6 +381,9 @@ def on_upgrade_failed(txn: Txn, node: NodeRecord, event: NodeUpgradeFailed) -> N
         f"upgrade to {txn.plan.target_version} failed in {event.phase} after "
         f"{event.attempts} attempt(s): {event.reason}"
     )
+    if event.untouched:
+        release(txn, node, NodeStep.FAILED, f"{failed}; nothing was changed")
+        return
     if event.rolled_back and event.healthy:
         back = event.installed_version or "its previous version"
         release(txn, node, NodeStep.FAILED, f"{failed}; rolled back to {back}, healthy")
