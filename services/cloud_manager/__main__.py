@@ -46,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if settings is None:
         return 2
-    return run_until_interrupted(_serve(settings))
+    from escalator.bus.faults import from_env_or_exit
+
+    faults = from_env_or_exit("cloud manager")  # tests only; None when unset
+    return run_until_interrupted(_serve(settings, faults))
 
 
-async def _serve(settings: Any) -> None:
+async def _serve(settings: Any, faults: Any = None) -> None:
     from escalator.bus import EventPublisher, ensure_topics, make_consumer, make_producer
     from escalator.settings import KafkaSettings
     from escalator.world.client import WorldClient
@@ -62,6 +65,8 @@ async def _serve(settings: Any) -> None:
     await ensure_topics(kafka, (CLOUD_COMMANDS, CLOUD_EVENTS, CLOUD_INVENTORY))
     producer = make_producer(kafka)
     consumer = make_consumer(kafka, settings.group_id)
+    if faults is not None:
+        consumer = faults.wrap(consumer, name=settings.instance_id)
     world = WorldClient(settings.world_url)
     await producer.start()
     try:

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if settings is None:
         return 2
-    return run_until_interrupted(_serve(settings))
+    from escalator.bus.faults import from_env_or_exit
+
+    faults = from_env_or_exit("node agent")  # tests only; None when unset
+    return run_until_interrupted(_serve(settings, faults))
 
 
 def _main_pool(args: argparse.Namespace) -> int:
@@ -89,7 +92,11 @@ def _main_pool(args: argparse.Namespace) -> int:
         if settings is None:
             return 2
         members.append(settings)
-    return run_until_interrupted(serve_pool(members, build_executor))
+    from escalator.bus.faults import from_env_or_exit
+
+    faults = from_env_or_exit("node agent")  # tests only; None when unset
+    wrapper = faults.wrapper(f"node-agent-pool/{node_ids[0]}") if faults is not None else None
+    return run_until_interrupted(serve_pool(members, build_executor, consumer_wrapper=wrapper))
 
 
 def build_executor(world: Any, settings: Any) -> Any:
@@ -101,7 +108,7 @@ def build_executor(world: Any, settings: Any) -> Any:
     )
 
 
-async def _serve(settings: Any) -> None:
+async def _serve(settings: Any, faults: Any = None) -> None:
     from escalator.bus import make_consumer, make_producer
     from escalator.settings import KafkaSettings
     from escalator.world.client import WorldClient
@@ -111,6 +118,8 @@ async def _serve(settings: Any) -> None:
     kafka = KafkaSettings()
     producer = make_producer(kafka)
     consumer = make_consumer(kafka, settings.group_id)
+    if faults is not None:
+        consumer = faults.wrap(consumer, name=settings.producer)
     world = WorldClient(settings.world_url)
     await producer.start()
     try:

@@ -482,9 +482,12 @@ class AgentPool:
 async def serve_pool(
     members: Sequence[NodeAgentSettings],
     build_executor: Callable[[WorldClient, NodeAgentSettings], Executor],
+    *,
+    consumer_wrapper: Callable[[Any], Any] | None = None,
 ) -> None:
     """The pool process: shared producer, consumer, offsets client and world client;
-    `build_executor(world, settings)` makes each agent's executor, as for a single agent."""
+    `build_executor(world, settings)` makes each agent's executor, as for a single agent.
+    `consumer_wrapper` wraps the shared command consumer (tests: delivery faults)."""
     from escalator.bus import make_consumer, make_producer
     from schemas.envelope import utcnow
 
@@ -492,6 +495,8 @@ async def serve_pool(
     world = WorldClient(members[0].world_url)
     producer = make_producer(kafka)
     consumer = make_consumer(kafka, None)
+    if consumer_wrapper is not None:
+        consumer = consumer_wrapper(consumer)
     offsets = GroupOffsets(kafka)
 
     def executor_for(settings: NodeAgentSettings) -> Executor:

@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
     from pydantic import ValidationError
 
+    from escalator.bus.faults import from_env_or_exit
     from escalator.settings import KafkaSettings
     from services.upgrade_manager.settings import UpgradeManagerSettings
 
@@ -57,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:
         print(settings_error("upgrade manager", err), file=sys.stderr)
         return 2
+    faults = from_env_or_exit("upgrade manager")  # tests only; None when unset
     try:
-        asyncio.run(_serve(settings, kafka))
+        asyncio.run(_serve(settings, kafka, faults))
     except KeyboardInterrupt:
         pass
     except Exception:
@@ -67,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(settings: Any, kafka: Any) -> None:
+async def _serve(settings: Any, kafka: Any, faults: Any = None) -> None:
     from services.upgrade_manager.service import bootstrap
 
-    service = bootstrap(settings, kafka, serve_metrics=True)
+    wrapper = faults.wrapper(settings.instance_id) if faults is not None else None
+    service = bootstrap(settings, kafka, serve_metrics=True, consumer_wrapper=wrapper)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)

@@ -78,6 +78,8 @@ from services.upgrade_manager.state_store import CampaignRecords, StoredState
 log = logging.getLogger("services.upgrade_manager")
 
 Clock = Callable[[], datetime]
+# Wraps the input consumer once built (tests only: `escalator.bus.faults`); None: as built.
+ConsumerWrapper = Callable[[AIOKafkaConsumer], AIOKafkaConsumer]
 _RETRY_MAX_S = 5.0
 
 
@@ -136,8 +138,10 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         claims: ClaimsView | None = None,
         clock: Clock,
         metrics: Metrics,
+        consumer_wrapper: ConsumerWrapper | None = None,
     ) -> None:
         self.settings = settings
+        self._consumer_wrapper = consumer_wrapper
         self.kafka = kafka
         self.group = kafka.topic(settings.group_id)
         self.partitions = kafka.partitions
@@ -223,11 +227,14 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
     # --- the consume loop ----------------------------------------------------------------
 
     def make_consumer(self) -> AIOKafkaConsumer:
-        return make_consumer(
+        consumer = make_consumer(
             self.kafka,
             self.group,
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
+        if self._consumer_wrapper is not None:
+            return self._consumer_wrapper(consumer)
+        return consumer
 
     async def run(self) -> None:
         consumer = self.make_consumer()

@@ -22,7 +22,7 @@ from schemas.topics import TopicSpec
 from services.upgrade_manager.claims import CLAIMS_SPEC, ClaimsView
 from services.upgrade_manager.cloud_view import CloudView
 from services.upgrade_manager.heartbeats import HeartbeatView
-from services.upgrade_manager.processor import CampaignProcessor, Clock, Metrics
+from services.upgrade_manager.processor import CampaignProcessor, Clock, ConsumerWrapper, Metrics
 from services.upgrade_manager.routing import STATE_TOPIC
 from services.upgrade_manager.settings import UpgradeManagerSettings
 
@@ -52,8 +52,10 @@ class UpgradeManagerService:
         clock: Clock,
         producer_factory: ProducerFactory,
         registry: CollectorRegistry | None,
+        consumer_wrapper: ConsumerWrapper | None = None,
     ) -> None:
         self.settings = settings
+        self._consumer_wrapper = consumer_wrapper
         self.kafka = kafka
         self._clock = clock
         self._producer_factory = producer_factory
@@ -102,6 +104,7 @@ class UpgradeManagerService:
                 claims=claims,
                 clock=self._clock,
                 metrics=Metrics(self._registry),
+                consumer_wrapper=self._consumer_wrapper,
             )
             processor.started_at = started
             self.processor = processor
@@ -133,12 +136,14 @@ def bootstrap(
     producer_factory: ProducerFactory = make_producer,
     registry: CollectorRegistry | None = None,
     serve_metrics: bool = False,
+    consumer_wrapper: ConsumerWrapper | None = None,
 ) -> UpgradeManagerService:
     """The Upgrade Manager, ready to `run()`: Kafka settings from the environment by default.
 
     `producer_factory` builds the aiokafka producer for commands, state and dead letters
     (acks=all, idempotent where enabled). `serve_metrics` starts the Prometheus endpoint on
     `settings.metrics_port` (the default registry when `registry` is None).
+    `consumer_wrapper` wraps the campaign-input consumer once built (tests: delivery faults).
     """
     kafka = kafka if kafka is not None else KafkaSettings()
     if serve_metrics and settings.metrics_port is not None:
@@ -149,4 +154,5 @@ def bootstrap(
         clock=clock,
         producer_factory=producer_factory,
         registry=registry if registry is not None else REGISTRY,
+        consumer_wrapper=consumer_wrapper,
     )

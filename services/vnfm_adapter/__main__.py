@@ -43,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if settings is None:
         return 2
-    return run_until_interrupted(_serve(settings))
+    from escalator.bus.faults import from_env_or_exit
+
+    faults = from_env_or_exit("vnfm adapter")  # tests only; None when unset
+    return run_until_interrupted(_serve(settings, faults))
 
 
-async def _serve(settings: Any) -> None:
+async def _serve(settings: Any, faults: Any = None) -> None:
     from escalator.bus import EventPublisher, ensure_topics, make_consumer, make_producer
     from escalator.settings import KafkaSettings
     from schemas.envelope import utcnow
@@ -78,6 +81,8 @@ async def _serve(settings: Any) -> None:
         kafka.topic(VNFM_REQUESTS.name),
         kafka.topic(VNFM_REPLIES.name),
     )
+    if faults is not None:
+        consumer = faults.wrap(consumer, name=settings.instance_id)
     await producer.start()
     try:
         await consumer.start()
