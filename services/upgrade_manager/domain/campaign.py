@@ -45,7 +45,8 @@ from . import controls
 from . import node_cycle as cycle
 from .commands import clip, clock, envelope, in_flight_commands, listing, round_part
 from .controls import ControlRequest
-from .planner import Limits, PlanStep, Progress, plan_step, priority_order
+from .forecast import campaign_order
+from .planner import Limits, PlanStep, Progress, plan_step
 from .state import (
     CampaignPlan,
     CampaignRecord,
@@ -160,7 +161,16 @@ def start_campaign(request: UpgradeRequested, fingerprint: str, ctx: Context) ->
     if not problem:
         problem = claimed_elsewhere(campaign_id, nodes, ctx)
     if not problem and ctx.cloud is not None and not request.policy.keep_order:
-        nodes = tuple(priority_order(ctx.cloud, ctx.rules, nodes))
+        # The same order as `forecast` (hence `escalator plan`) predicts with.
+        nodes = tuple(
+            campaign_order(
+                ctx.cloud,
+                ctx.rules,
+                Limits.from_policy(request.policy),
+                nodes,
+                migrate_moved_vms=request.policy.migrate_moved_vms,
+            )
+        )
     plan = CampaignPlan(
         campaign_id=campaign_id,
         request_id=request.event_id,
