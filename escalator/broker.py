@@ -919,6 +919,16 @@ def _start_kafka(say: Log, timeout: float) -> BrokerHandle:
     return _start_jvm(say, timeout, None)
 
 
+def _cluster_id() -> str:
+    """A KRaft cluster id (16 random bytes, URL-safe base64). One starting with "-" would be
+    read by kafka-storage's argument parser as an option (1 start in 32 failed so), as Kafka's
+    own `Uuid.randomUuid` also avoids."""
+    while True:
+        candidate = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not candidate.startswith("-"):
+            return candidate
+
+
 def _start_jvm(
     say: Log, timeout: float, secure: tuple[dict[str, str], bool] | None
 ) -> BrokerHandle:
@@ -949,7 +959,7 @@ def _start_jvm(
             (workdir / "server.properties").write_text(props)
             (workdir / "log4j2.properties").write_text(_LOG4J2)
             jvm = [java, *KAFKA_JVM_OPTS, f"-Dlog4j2.configurationFile={workdir}/log4j2.properties"]
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = _cluster_id()
             fmt_args = ("format", "-t", cluster_id, "-c", str(workdir / "server.properties"))
             fmt = subprocess.run(
                 [

@@ -331,3 +331,12 @@ def test_stop_is_idempotent() -> None:
     handle.stop()
     assert calls == [1]
     assert not handle.alive()
+
+
+def test_kraft_cluster_ids_never_start_with_a_dash() -> None:
+    # kafka-storage's argument parser reads "-..." as an option: the format step then fails.
+    from escalator.broker import _cluster_id
+
+    ids = [_cluster_id() for _ in range(2000)]
+    assert all(len(i) == 22 and not i.startswith("-") for i in ids)
+    assert len(set(ids)) == len(ids)
