@@ -308,3 +308,58 @@ def test_timed_waits_are_not_a_stall() -> None:
     assert d.state is not None and d.state.campaign.stalled_since is None
     d.tick(5)
     assert len(claimed(d)) == 4
+
+
+def test_migrations_name_the_planners_packing_and_a_retry_lets_the_cloud_manager_choose() -> None:
+    from schemas.events import VmMigrationFailed
+
+    # a's two VMs (2 vCPUs each) are packed one on c (2 vCPUs free), one on d (4 free), not
+    # both on the host with the most room, which is what a VIM placing each VM alone does.
+    hosts = [
+        Host.of(
+            "a", "fd", 16, 65536, [VmLoad("vm-1", None, 2, 2048), VmLoad("vm-2", None, 2, 2048)]
+        ),
+        Host.of("c", "fd", 16, 65536, [VmLoad("big-c", None, 14, 1024)]),
+        Host.of("d", "fd", 16, 65536, [VmLoad("big-d", None, 12, 1024)]),
+    ]
+    d = Driver(("a",), cloud=Cloud(hosts), rules={})
+    d.start(max_parallel=1)
+    d.enter("a", [vm("vm-1"), vm("vm-2")])
+    requests = of_type(d.emitted, VmMigrationRequested, "a")
+    assert sorted((r.vm_id, r.destination_node_id) for r in requests) in (
+        [("vm-1", "c"), ("vm-2", "d")],
+        [("vm-1", "d"), ("vm-2", "c")],
+    )
+    first = next(r for r in requests if r.vm_id == "vm-1")
+    d.feed(
+        reply(
+            first,
+            VmMigrationFailed,
+            vm_id="vm-1",
+            node_id="a",
+            reason="no room",
+            destination_node_id=first.destination_node_id,
+        )
+    )
+    retry = [r for r in of_type(d.emitted, VmMigrationRequested, "a") if r.attempt == 2]
+    assert [(r.vm_id, r.destination_node_id) for r in retry] == [("vm-1", None)]
+    assert retry[0].avoid_destinations == (first.destination_node_id,)
+
+
+def test_without_a_packing_the_cloud_manager_places_the_vms() -> None:
+    hosts = [
+        Host.of("a", "fd", 16, 65536, [VmLoad("vm-1", None, 2, 2048)]),
+        Host.of("c", "fd", 16, 65536, [VmLoad("big-c", None, 15, 1024)]),
+    ]
+    d = Driver(("a",), cloud=Cloud(hosts), rules={})
+    d.start(max_parallel=1)
+    assert claimed(d) == []  # the planner does not start it: no room
+    # the node entered anyway (say, the inventory changed since): no destination is named
+    cloud = Cloud([hosts[0], Host.of("c", "fd", 16, 65536, [])])
+    d.cloud = cloud
+    d.tick(1)
+    assert claimed(d) == ["a"]
+    d.cloud = Cloud(hosts)
+    d.enter("a", [vm("vm-1")])
+    [request] = of_type(d.emitted, VmMigrationRequested, "a")
+    assert request.destination_node_id is None

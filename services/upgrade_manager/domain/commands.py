@@ -118,15 +118,16 @@ def notify_command(plan: CampaignPlan, node: NodeRecord, sent: Sent) -> Business
 def migrate_command(
     plan: CampaignPlan, node_id: str, m: PendingMigration, deferrals: int = 0
 ) -> VmMigrationRequested:
-    # No destination on purpose: placement is the Cloud Manager's, which knows capacity and
-    # which nodes are in maintenance at the moment it places.
+    # The planner's destination is a preference the Cloud Manager checks against the cloud as
+    # it is at that moment; a retry names none, so the Cloud Manager places the VM outside the
+    # destinations that failed.
     return VmMigrationRequested(
         **envelope(
             plan, migration_command_id(plan, node_id, m, deferrals), m.sent.at, m.sent.cause
         ),
         vm_id=m.vm_id,
         node_id=node_id,
-        destination_node_id=None,
+        destination_node_id=m.destination,
         avoid_destinations=m.avoid,
         attempt=m.sent.attempt,
     )

@@ -50,6 +50,7 @@ from .commands import (
     step_command_id,
     vms_to_notify,
 )
+from .planner import VmLoad, migration_destinations
 from .state import CampaignStatus, NodeRecord, PendingMigration, Release, Sent
 from .txn import Txn
 
@@ -270,10 +271,29 @@ def begin_migrations(txn: Txn, node: NodeRecord, vm_ids: list[str], note: str = 
         begin_upgrade(txn, node)
         return
     sent = txn.sent(txn.policy.step_timeout_s)
-    migrations = tuple(PendingMigration(vm_id=vm_id, sent=sent) for vm_id in vm_ids)
+    destinations = _planned_destinations(txn, node, vm_ids)
+    migrations = tuple(
+        PendingMigration(vm_id=vm_id, sent=sent, destination=destinations.get(vm_id))
+        for vm_id in vm_ids
+    )
     detail = _migrating_detail(migrations) + note
     node = txn.enter(node, NodeStep.MIGRATING, detail, sent=None, migrations=migrations)
     txn.emit(*in_flight_commands(txn.plan, node))
+
+
+def _planned_destinations(txn: Txn, node: NodeRecord, vm_ids: list[str]) -> dict[str, str]:
+    cloud = txn.ctx.cloud
+    if cloud is None:
+        return {}
+    wanted = set(vm_ids)
+    loads = [
+        VmLoad(vm.vm_id, vm.vnf_id, vm.vcpus, vm.ram_mb)
+        for vm in node.vms or ()
+        if vm.vm_id in wanted
+    ]
+    if len(loads) != len(wanted):
+        return {}  # a VM the node's report did not size: let the Cloud Manager place them all
+    return migration_destinations(cloud, txn.ctx.rules, node.node_id, loads, txn.campaign.active)
 
 
 def on_vm_migrated(txn: Txn, node: NodeRecord, vm_id: str) -> None:

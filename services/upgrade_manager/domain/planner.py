@@ -476,6 +476,27 @@ class _Capacity:
         heapq.heappush(self.buckets[cpu], (ram, node_id))
 
 
+def migration_destinations(
+    cloud: Cloud,
+    rules: Mapping[str, VnfRule],
+    node_id: str,
+    vms: Sequence[VmLoad],
+    others_in_cycle: Iterable[str],
+) -> dict[str, str]:
+    """Where to migrate `vms`, leaving `node_id`: one packing of them together with every VM of
+    the campaign's other nodes in their cycle, as `plan_step` proved exists when it started
+    them, on the hosts in service. Named to the Cloud Manager as preferred destinations, so
+    that a VIM placing each VM on its own (most free room first, as Nova's default weighers
+    do) does not spread this node's VMs over the room the others need. Empty when the
+    inventory finds no packing: the Cloud Manager then places them."""
+    others = sorted(set(others_in_cycle) - {node_id})
+    capacity = _Capacity(cloud, {node_id, *others})
+    pending = [vm for other in others if (h := cloud.hosts.get(other)) is not None for vm in h.vms]
+    if not capacity.place([*pending, *vms], rules):
+        return {}
+    return {vm.vm_id: capacity.placed[vm.vm_id] for vm in vms}
+
+
 def plan_step(
     cloud: Cloud,
     rules: Mapping[str, VnfRule],

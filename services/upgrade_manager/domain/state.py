@@ -74,6 +74,8 @@ class PendingMigration(ValueModel):
     # Destinations that failed for this VM in this cycle: a retry asks the Cloud Manager to
     # place it elsewhere.
     avoid: tuple[NodeId, ...] = ()
+    # The planner's destination for the first attempt (None: the Cloud Manager places it).
+    destination: NodeId | None = None
 
 
 class NodeRecord(ValueModel):
