@@ -13,7 +13,12 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import load_settings, run_until_interrupted, setup_logging
+from escalator.entrypoint import (
+    add_config_argument,
+    load_settings,
+    run_until_interrupted,
+    setup_logging,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "INTERVAL_S, default 10)",
     )
     parser.add_argument("--log-level", default="INFO")
+    add_config_argument(parser)
     return parser
 
 
@@ -40,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(
         CloudManagerSettings,
         "cloud manager",
+        config_file=args.config,
         world_url=args.world,
         instance_id=args.instance_id,
         inventory_interval_s=args.inventory_interval_s,

@@ -18,7 +18,12 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import load_settings, run_until_interrupted, setup_logging
+from escalator.entrypoint import (
+    add_config_argument,
+    load_settings,
+    run_until_interrupted,
+    setup_logging,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval-s", type=float, help="seconds between heartbeats")
     parser.add_argument("--reboot-s", type=float, help="nominal reboot duration of an upgrade")
     parser.add_argument("--log-level", default="INFO")
+    add_config_argument(parser)
     return parser
 
 
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(
         NodeAgentSettings,
         "node agent",
+        config_file=args.config,
         node_id=args.node_id,
         world_url=args.world,
         heartbeat_interval_s=args.heartbeat_interval_s,
@@ -84,6 +91,7 @@ def _main_pool(args: argparse.Namespace) -> int:
         settings = load_settings(
             NodeAgentSettings,
             "node agent",
+            config_file=args.config,
             node_id=node_id,
             world_url=args.world,
             heartbeat_interval_s=args.heartbeat_interval_s,

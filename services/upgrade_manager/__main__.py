@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import settings_error, setup_logging
+from escalator.entrypoint import add_config_argument, settings_error, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default=os.environ.get("ESCALATOR_UPGRADE_MANAGER_LOG_LEVEL", "INFO")
     )
+    add_config_argument(parser)
     return parser
 
 
@@ -52,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         if value is not None
     }
+    if args.config is not None:
+        from pathlib import Path
+
+        from escalator.settings import CONFIG_ENV
+
+        config = Path(args.config).expanduser()
+        if not config.is_file():
+            print(f"upgrade manager: bad setting --config: no such file: {config}", file=sys.stderr)
+            return 2
+        os.environ[CONFIG_ENV] = str(config.resolve())
     try:
         settings = UpgradeManagerSettings(**overrides)
         kafka = KafkaSettings()

@@ -14,7 +14,12 @@ import signal
 import sys
 from typing import Any
 
-from escalator.entrypoint import load_settings, run_until_interrupted, setup_logging
+from escalator.entrypoint import (
+    add_config_argument,
+    load_settings,
+    run_until_interrupted,
+    setup_logging,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-id", help="consumer group (ESCALATOR_VNFM_ADAPTER_GROUP_ID)")
     parser.add_argument("--tick-s", type=float, help="deadline check period in seconds")
     parser.add_argument("--log-level", default="INFO")
+    add_config_argument(parser)
     return parser
 
 
@@ -37,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(
         VnfmAdapterSettings,
         "vnfm adapter",
+        config_file=args.config,
         instance_id=args.instance_id,
         group_id=args.group_id,
         tick_s=args.tick_s,
