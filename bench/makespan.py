@@ -567,13 +567,24 @@ def rows(result: dict[str, Any]) -> list[Row]:
 
     live = result.get("live") or {}
     violations = result.get("budget_violations")
+    overhead = result.get("control_overhead_pct")
     return [
         Row("makespan.scenario", f"{result['scenario']['path']} ({result['nodes']} nodes)"),
         Row("makespan.sequential_s (forecast)", num("sequential_s", " s")),
         Row("makespan.planner_s (forecast)", num("planner_s", " s")),
         Row("makespan.lower_bound_s", num("lower_bound_s", " s")),
-        Row("makespan.efficiency (lower bound / planner)", num("efficiency")),
-        Row("makespan.speedup (sequential / planner)", num("speedup", "x")),
+        Row(
+            "makespan.efficiency (lower bound / planner)",
+            num("efficiency"),
+            ">= 0.9",
+            at_least(result.get("efficiency"), 0.9),
+        ),
+        Row(
+            "makespan.speedup (sequential / planner)",
+            num("speedup", "x"),
+            ">= 8x",
+            at_least(result.get("speedup"), 8.0),
+        ),
         Row(
             "makespan.priority_order_planner_s (forecast, without the order search)",
             num("priority_order_planner_s", " s"),
@@ -593,5 +604,14 @@ def rows(result: dict[str, Any]) -> list[Row]:
             num("live_planner_s", " s"),
         ),
         Row("makespan.live_max_in_maintenance", num("live_max_in_maintenance")),
-        Row("makespan.control_overhead_pct", num("control_overhead_pct", " %")),
+        Row(
+            "makespan.control_overhead_pct",
+            num("control_overhead_pct", " %"),
+            "< 1 %",
+            None if overhead is None else overhead < 1.0,
+        ),
     ]
+
+
+def at_least(value: float | None, target: float) -> bool | None:
+    return None if value is None else value >= target
