@@ -123,6 +123,13 @@ class Latencies:
         )
 
 
+# Offsets are committed at most this often, after the records' effects were acknowledged (or
+# on a tick, a rebalance, at stop): a commit per record put a broker round trip between every
+# input and the next on the critical path of a node's cycle. A crash redelivers what was not
+# committed, which the core decides again to the same command ids.
+COMMIT_INTERVAL_S = 0.5
+
+
 class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
     """Owns the campaigns of its assigned partitions: their state, inputs and ticks."""
 
@@ -155,9 +162,12 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
         self.latencies = Latencies()
         self._lock = asyncio.Lock()
         self._owned: set[int] = set()
+        # Partitions whose state is in memory (owned, or revoked and not yet reassigned).
+        self._kept: set[int] = set()
         self._cache: dict[str, CampaignState] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._processed: dict[TopicPartition, int] = {}
+        self._committed_at = 0.0
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self.started_at = time.monotonic()
@@ -168,11 +178,11 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._lock:  # never in the middle of a record or a tick
             await self._commit_processed()
-            partitions = {tp.partition for tp in revoked}
-            self._owned -= partitions
-            for campaign_id in [c for c in self._cache if self._partition_of(c) in partitions]:
-                del self._cache[campaign_id]
-            self._state.forget(partitions)
+            # Nothing of these partitions is decided from now on (records, ticks), but their
+            # state stays in memory: the eager protocol revokes every partition on every
+            # rebalance, and most come straight back. Rebuilding a 10,000-node campaign each
+            # time blocked the loop past the session timeout, which caused the next rebalance.
+            self._owned -= {tp.partition for tp in revoked}
             self.ready.clear()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
@@ -180,18 +190,29 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             self.rebalances += 1
             partitions = {tp.partition for tp in assigned}
             started = time.monotonic()
-            loaded = await self._state.load(self.kafka, partitions - self._owned)
+            # Kept partitions came back in the same generation: no other instance decided for
+            # them meanwhile, so what is in memory is what is in Kafka. The others may have
+            # been changed by another instance: dropped, read again if they come back later.
+            kept = self._kept & partitions
+            gone = self._kept - partitions
+            for campaign_id in [c for c in self._cache if self._partition_of(c) in gone]:
+                del self._cache[campaign_id]
+            self._state.forget(gone)
+            loaded = await self._state.load(self.kafka, partitions - kept)
             self._owned = partitions
+            self._kept = set(partitions)
             resumed = 0
             for campaign_id, records in loaded.items():
                 resumed += await self._resume(campaign_id, records)
             log.info(
-                "%s ready (rebalance %d, %.2f s since start): partitions %s, state of %d "
-                "campaign(s) read in %.2f s, %d in-flight command(s) re-published",
+                "%s ready (rebalance %d, %.2f s since start): partitions %s (%d kept in "
+                "memory), state of %d campaign(s) read in %.2f s, %d in-flight command(s) "
+                "re-published",
                 self.settings.instance_id,
                 self.rebalances,
                 time.monotonic() - self.started_at,
                 sorted(partitions),
+                len(kept),
                 len(loaded),
                 time.monotonic() - started,
                 resumed,
@@ -269,10 +290,12 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
                     return
                 await self.handle(record)
                 self._processed[tp] = record.offset + 1
-        async with self._lock:
-            await self._commit_processed()
+        if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+            async with self._lock:
+                await self._commit_processed()
 
     async def _commit_processed(self) -> None:
+        self._committed_at = time.monotonic()
         if not self._processed or self._consumer is None:
             return
         offsets, self._processed = self._processed, {}
@@ -297,7 +320,8 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
                 running = [
                     c
                     for c in self._state.campaign_ids()
-                    if c not in self._cache or not self._cache[c].campaign.status.ended
+                    if self._partition_of(c) in self._owned
+                    and (c not in self._cache or not self._cache[c].campaign.status.ended)
                 ]
                 for campaign_id in running:
                     try:
@@ -308,6 +332,8 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
                     except Exception:
                         self._drop(campaign_id)
                         log.exception("tick of %s failed; retrying next interval", campaign_id)
+                # Records handled since the last batch's commit (see COMMIT_INTERVAL_S).
+                await self._commit_processed()
 
     # --- one record ----------------------------------------------------------------------
 

@@ -544,9 +544,9 @@ async def test_two_managers_in_one_group_split_the_campaigns_and_each_completes(
     nodes_of = {c: [f"{c}-compute-{n}" for n in range(4)] for c in campaigns.values()}
     async with World(kafka, [n for nodes in nodes_of.values() for n in nodes]) as world:
         first.start()
-        second.start()
         try:
-            await first.wait_ready()
+            await first.wait_ready()  # all partitions; the second's join then rebalances them
+            second.start()
             await second.wait_ready()
 
             def split() -> bool:
@@ -554,6 +554,17 @@ async def test_two_managers_in_one_group_split_the_campaigns_and_each_completes(
                 return bool(a) and bool(b) and sorted(a + b) == list(range(kafka.partitions))
 
             await world.wait("the partitions split between both", split)
+            # The instance that had every partition kept its share in memory across the
+            # rebalance (the eager protocol revoked them all): nothing of it was read again.
+            kept = [
+                line
+                for m in (first, second)
+                for line in m.current_run().splitlines()
+                if "ready (rebalance 2" in line
+            ]
+            assert kept, "the first instance never went through the rebalance"
+            assert all(" kept in memory)" in line for line in kept), kept
+            assert any(" (0 kept in memory)" not in line for line in kept), kept
             for campaign_id in campaigns.values():
                 await world.request(campaign_id, nodes_of[campaign_id], max_parallel=2)
             for campaign_id in campaigns.values():

@@ -269,6 +269,10 @@ async def publish_registry(
                 min_in_service=v.min_in_service,
                 max_unavailable=v.max_unavailable,
                 min_recovery_s=v.min_recovery_s,
+                # The world puts every VNF's members in one anti-affinity server group; a
+                # registry that hides it makes the planner pack members together, which the
+                # cloud then refuses.
+                anti_affinity=True,
             )
         )
         for v in world.vnfs

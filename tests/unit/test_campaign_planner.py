@@ -363,3 +363,35 @@ def test_without_a_packing_the_cloud_manager_places_the_vms() -> None:
     d.enter("a", [vm("vm-1")])
     [request] = of_type(d.emitted, VmMigrationRequested, "a")
     assert request.destination_node_id is None
+
+
+def test_a_deferred_node_lets_the_cloud_manager_place_its_vms() -> None:
+    from schemas.events import VmMigrationFailed
+
+    hosts = [
+        Host.of("a", "fd", 16, 65536, [VmLoad("vm-1", None, 2, 2048)]),
+        Host.of("c", "fd", 16, 65536, []),
+    ]
+    d = Driver(("a",), cloud=Cloud(hosts), rules={})
+    d.start(max_parallel=1, max_step_attempts=1, deferral_s=10)
+    d.enter("a", [vm("vm-1")])
+    [first] = of_type(d.emitted, VmMigrationRequested, "a")
+    assert first.destination_node_id == "c"
+    d.feed(
+        reply(
+            first,
+            VmMigrationFailed,
+            vm_id="vm-1",
+            node_id="a",
+            reason="anti-affinity",
+            destination_node_id="c",
+        )
+    )
+    release = d.latest(NodeMaintenanceExitRequested, "a")
+    d.feed(reply(release, NodeMaintenanceExited, node_id="a", restored_status="enabled"))
+    assert d.step("a") is NodeStep.PENDING
+    d.tick(11)
+    d.enter("a", [vm("vm-1")])
+    second = of_type(d.emitted, VmMigrationRequested, "a")[-1]
+    assert second.event_id != first.event_id
+    assert second.destination_node_id is None

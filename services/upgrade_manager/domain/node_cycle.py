@@ -283,7 +283,9 @@ def begin_migrations(txn: Txn, node: NodeRecord, vm_ids: list[str], note: str = 
 
 def _planned_destinations(txn: Txn, node: NodeRecord, vm_ids: list[str]) -> dict[str, str]:
     cloud = txn.ctx.cloud
-    if cloud is None:
+    if cloud is None or node.deferrals > 0:
+        # A node deferred once may have failed to empty because the cloud refused the packing
+        # (say, a server group the registry does not declare): the VIM places its VMs now.
         return {}
     wanted = set(vm_ids)
     loads = [
