@@ -995,7 +995,9 @@ def _start_jvm(
                 workdir=str(workdir),
                 log_path=str(log_path),
                 security=sec,
-                _stopper=_Stopper(functools.partial(_stop_process, proc, workdir, grace=10.0)),
+                # Its data dies with the workdir: a controlled shutdown (10-20 s with a test
+                # session's thousands of partitions) buys nothing, so it gets 2 s.
+                _stopper=_Stopper(functools.partial(_stop_process, proc, workdir, grace=2.0)),
             )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -53,7 +53,14 @@ from escalator.bus.consumer import HANDLER_ERROR, is_transient_error
 from escalator.settings import KafkaSettings
 from schemas.codec import InvalidEvent, decode
 from schemas.envelope import Event
-from schemas.events import NodeStep, UpgradeRequested, VmMigrated, VmMigrationRequested
+from schemas.events import (
+    NodeStep,
+    NodeUpgradeAccepted,
+    NodeUpgradeProgressed,
+    UpgradeRequested,
+    VmMigrated,
+    VmMigrationRequested,
+)
 from schemas.topics import DEAD_LETTERS_TOPIC
 from services.upgrade_manager.claims import CLAIMS_TOPIC, ClaimsView, NodeClaim
 from services.upgrade_manager.cloud_view import CloudView
@@ -296,6 +303,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _commit_processed(self) -> None:
         self._committed_at = time.monotonic()
+        await self._state.settle()
         if not self._processed or self._consumer is None:
             return
         offsets, self._processed = self._processed, {}
@@ -459,7 +467,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             published += len(decision.commands)
             self.metrics.commands.inc(len(decision.commands))
         await self._record_claims(state, decision)
-        await self._persist(campaign_id, decision)
+        await self._persist(campaign_id, decision, wait=not _only_informs(inp, decision))
         if decision.state is not None:
             self._cache[campaign_id] = decision.state
         self._log_changes(state, decision)
@@ -517,7 +525,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         return decision
 
-    async def _persist(self, campaign_id: str, decision: Decision) -> None:
+    async def _persist(self, campaign_id: str, decision: Decision, *, wait: bool = True) -> None:
         state = decision.state
         if state is None:
             return
@@ -529,7 +537,7 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             records.append((f"plan/{campaign_id}", state.plan))
         if decision.campaign_changed or decision.plan_changed:
             records.append((f"status/{campaign_id}", state.campaign))
-        await self._state.write(campaign_id, records)
+        await self._state.write(campaign_id, records, wait=wait)
 
     def _log_changes(self, before: CampaignState | None, decision: Decision) -> None:
         after = decision.state
@@ -583,6 +591,17 @@ class CampaignProcessor(ConsumerRebalanceListener):  # type: ignore[misc]
             reason,
             detail,
         )
+
+
+def _only_informs(inp: Input, decision: Decision) -> bool:
+    """An agent's acceptance or progress that changed a node's percent and nothing else: its
+    record need not be acknowledged before the next input is decided (see `StoredState`)."""
+    return (
+        isinstance(inp, NodeUpgradeAccepted | NodeUpgradeProgressed)
+        and not decision.commands
+        and not decision.campaign_changed
+        and not decision.plan_changed
+    )
 
 
 def _holds_nodes(status: CampaignStatus) -> bool:

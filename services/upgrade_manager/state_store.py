@@ -10,8 +10,11 @@ only once the broker acknowledged a write, so rebuilding from it equals rebuildi
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from escalator.bus import ProducerPort, partition_for_key
 from escalator.bus.readback import scan
@@ -20,6 +23,8 @@ from services.upgrade_manager.domain import CampaignPlan, CampaignRecord, Campai
 from services.upgrade_manager.routing import load_state
 
 Record = CampaignPlan | CampaignRecord | NodeRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +67,9 @@ class StoredState:
         self.topic = topic
         self._partitions = partitions
         self._campaigns: dict[str, CampaignRecords] = {}
+        self._unsettled: deque[tuple[str, list[tuple[str, bytes]], list[asyncio.Future[Any]]]] = (
+            deque()
+        )
 
     def partition_of(self, campaign_id: str) -> int:
         return partition_for_key(campaign_id.encode(), self._partitions)
@@ -95,8 +103,15 @@ class StoredState:
     def records_of(self, campaign_id: str) -> CampaignRecords | None:
         return self._campaigns.get(campaign_id)
 
-    async def write(self, campaign_id: str, records: Sequence[tuple[str, Record]]) -> None:
-        """Send every record to the campaign's partition and wait for all acks."""
+    async def write(
+        self, campaign_id: str, records: Sequence[tuple[str, Record]], *, wait: bool = True
+    ) -> None:
+        """Send every record to the campaign's partition and wait for all acks.
+
+        `wait=False` is for records that only inform (an agent's progress percent): they are
+        sent, and their acks collected by the next waiting write or `settle()`. Losing one in a
+        crash loses nothing a later record does not rewrite; the producer keeps the order of
+        the records of one partition, so a later write of the same key still wins."""
         if not records:
             return
         partition = self.partition_of(campaign_id)
@@ -107,12 +122,37 @@ class StoredState:
             )
             for key, value in encoded
         ]
+        if not wait:
+            self._unsettled.append((campaign_id, encoded, futures))
+            return
+        await self.settle()  # earlier writes first, so memory keeps Kafka's order
         results = await asyncio.gather(*futures, return_exceptions=True)
+        self._remember(campaign_id, encoded, results)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def settle(self) -> None:
+        """Collect the acks of the writes sent without waiting; a failed one is only logged."""
+        while self._unsettled:
+            campaign_id, encoded, futures = self._unsettled.popleft()
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            if campaign_id in self._campaigns:  # not forgotten meanwhile (a rebalance)
+                self._remember(campaign_id, encoded, results)
+            for result in results:
+                if isinstance(result, BaseException):
+                    log.warning(
+                        "informational state record of %s not written: %r", campaign_id, result
+                    )
+
+    def _remember(
+        self,
+        campaign_id: str,
+        encoded: Sequence[tuple[str, bytes]],
+        results: Sequence[object],
+    ) -> None:
         stored = self._campaigns.setdefault(campaign_id, CampaignRecords())
         # Keep in memory exactly what the broker acknowledged, so a rebuild matches Kafka.
         for (key, value), result in zip(encoded, results, strict=True):
             if not isinstance(result, BaseException):
                 stored.put(key, value)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
