@@ -287,15 +287,19 @@ class ReferenceVnfm:
         return f"reference-vnfm/{self.vnfm_id}"
 
     async def _views(self, vnf_ids: Iterable[str]) -> dict[str, VnfView | None]:
-        views: dict[str, VnfView | None] = {}
-        for vnf_id in dict.fromkeys(vnf_ids):
+        """The VNFs as the cloud shows them, read concurrently (one notice names several)."""
+
+        async def view(vnf_id: str) -> VnfView | None:
             try:
-                views[vnf_id] = await self.world.vnf(vnf_id)
+                return await self.world.vnf(vnf_id)
             except WorldError as exc:
                 if exc.status == 0:
                     raise  # the world is unreachable: let the caller retry the notice
-                views[vnf_id] = None
-        return views
+                return None
+
+        wanted = list(dict.fromkeys(vnf_ids))
+        found = await asyncio.gather(*(view(v) for v in wanted))
+        return dict(zip(wanted, found, strict=True))
 
     async def _execute(self, plan: VmPlan) -> VmPlan:
         try:
@@ -360,9 +364,30 @@ class ReferenceVnfm:
         if notice.notice_id in self.refused or len(self.refused) < self.refuse_first:
             return await self._refuse(notice)
         views = await self._views(a.vnf_id for a in notice.vnfs)
+        plans = plan_notice(notice, self.vnfm_id, views)
+        # Each VNF's own members one after another (a switch-over then a drain of one pair
+        # depend on each other); different VNFs at once, as a VNFM with many VNFs would.
+        by_vnf: dict[str, list[VmPlan]] = {}
+        for plan in plans:
+            by_vnf.setdefault(plan.vnf_id, []).append(plan)
+
+        async def run(group: list[VmPlan]) -> list[VmPlan]:
+            if self.ack_without_acting:
+                return group
+            return [await self._execute(plan) for plan in group]
+
+        results = {
+            id(plan): result
+            for group, outcome in zip(
+                by_vnf.values(),
+                await asyncio.gather(*(run(g) for g in by_vnf.values())),
+                strict=True,
+            )
+            for plan, result in zip(group, outcome, strict=True)
+        }
         done: list[VmPlan] = []
-        for plan in plan_notice(notice, self.vnfm_id, views):
-            result = plan if self.ack_without_acting else await self._execute(plan)
+        for plan in plans:
+            result = results[id(plan)]
             if result.action is WorldAction.DRAIN and not self.ack_without_acting:
                 self.drained.setdefault(notice.node_id, set()).add((result.vnf_id, result.vm_id))
             log.info("%s: %s/%s -> %s (%s)", self.producer, *_vm(result), result.reason)
