@@ -126,10 +126,15 @@ class Scenario:
     max_parallel: int
     speed: float
     kills: tuple[KillPlan, ...]
+    # A canary (the first node alone) baking this long (0: no canary), and a kill aimed at the
+    # bake, when the campaign runs with no node in its cycle (armed beside the others).
+    canary_bake_s: float = 0.0
+    bake_kill: KillPlan | None = None
 
     @property
     def world(self) -> str:
-        return f"{self.nodes}n/{self.domains}d/spare {self.spare_fraction}"
+        canary = " canary" if self.canary_bake_s else ""
+        return f"{self.nodes}n/{self.domains}d/spare {self.spare_fraction}{canary}"
 
 
 PROFILES = ("sample", "full")
@@ -184,6 +189,17 @@ def make_scenario(seed: int, profile: str = "full") -> Scenario:
             )
         else:
             kills.append(KillPlan(services, "timed", None, 0, round(rng.uniform(0.0, 1.0), 3)))
+    bake, bake_kill = 0.0, None
+    if profile == "full" and seed % 3 == 0:
+        # Drawn after everything else, so that the other seeds' scenarios stay as they were.
+        # The bake is the one moment a campaign runs with no node in its cycle.
+        bake = CANARY_BAKE_S
+        turn = rng.choice(TURNS)
+        services = (
+            tuple(sorted(rng.sample(SERVICES, rng.choice((2, 3))))) if turn == SEVERAL else (turn,)
+        )
+        delay = round(rng.uniform(0.1, 0.8 * CANARY_BAKE_S), 3)
+        bake_kill = KillPlan(services, "pending", PENDING, 0, delay)
     return Scenario(
         seed=seed,
         profile=profile,
@@ -193,7 +209,12 @@ def make_scenario(seed: int, profile: str = "full") -> Scenario:
         max_parallel=max_parallel,
         speed=20.0,
         kills=tuple(kills),
+        canary_bake_s=bake,
+        bake_kill=bake_kill,
     )
+
+
+CANARY_BAKE_S = 1.5
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -267,7 +288,8 @@ class RunResult:
 
     @property
     def kills_missed(self) -> int:
-        return len(self.scenario.kills) - len(self.kills)
+        planned = len(self.scenario.kills) + (self.scenario.bake_kill is not None)
+        return planned - len(self.kills)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -303,6 +325,8 @@ class Killer:
     def __init__(self, d: E2EDeployment, scenario: Scenario) -> None:
         self.d = d
         self.plans = list(scenario.kills)
+        self.bake_plan = scenario.bake_kill
+        self.bake_scheduled: asyncio.TimerHandle | None = None
         self.rng = random.Random(f"chaos-kill-{scenario.seed}")
         self.done: list[KillRecord] = []
         self.view: CampaignView | None = None
@@ -328,6 +352,7 @@ class Killer:
         if pair in self.seen_pairs:
             return  # a restarted manager repeats the step it was in
         self.seen_pairs.add(pair)
+        self._maybe_bake_kill(event, view)
         plan = self.armed
         if plan is None or plan.trigger == "timed" or event.step.value not in _CYCLE_VALUES:
             return
@@ -368,7 +393,24 @@ class Killer:
         loop = asyncio.get_running_loop()
         self.scheduled = loop.call_later(plan.delay_s, self._fire, plan, node_id)
 
+    def _maybe_bake_kill(self, event: NodeCycleAdvanced, view: CampaignView) -> None:
+        """The bake kill: once a node has finished, none is in its cycle and some wait."""
+        plan = self.bake_plan
+        if plan is None or self.bake_scheduled is not None or not event.step.finished:
+            return
+        nodes = list(view.nodes.values())
+        if view.in_cycle or not any(n.step is NodeStep.PENDING for n in nodes):
+            return
+        loop = asyncio.get_running_loop()
+        self.bake_scheduled = loop.call_later(plan.delay_s, self._kill, plan, None)
+
     def _fire(self, plan: KillPlan, node_id: str | None) -> None:
+        self._kill(plan, node_id)
+        self.plans.pop(0)
+        self.scheduled = None
+        self._arm()
+
+    def _kill(self, plan: KillPlan, node_id: str | None) -> None:
         names = [self._resolve(s, node_id) for s in plan.services]
         view = self.view
         seen = {n.node_id: n.step.value for n in view.nodes.values()} if view else {}
@@ -395,9 +437,6 @@ class Killer:
                 seen=seen,
             )
         )
-        self.plans.pop(0)
-        self.scheduled = None
-        self._arm()
 
     def _resolve(self, service: str, node_id: str | None) -> str:
         if service != NODE_AGENT:
@@ -410,8 +449,9 @@ class Killer:
         return f"{NODE_AGENT}-{node_id}"
 
     def cancel(self) -> None:
-        if self.scheduled is not None:
-            self.scheduled.cancel()
+        for handle in (self.scheduled, self.bake_scheduled):
+            if handle is not None:
+                handle.cancel()
 
 
 class _RebootSampler:
@@ -459,7 +499,7 @@ class _RebootSampler:
 def stall_timeout_s(scenario: Scenario) -> float:
     """A campaign of these small worlds takes 2-5 s at speed 20, a restarted consumer a few more
     (its group's session, 3 s, must expire): one not over after this long is stuck."""
-    return 60.0 + 20.0 * len(scenario.kills)
+    return 60.0 + 20.0 * (len(scenario.kills) + (scenario.bake_kill is not None))
 
 
 async def run_scenario(
@@ -540,7 +580,7 @@ async def _campaign_under_kills(
     )
     try:
         await asyncio.sleep(0.3)
-        await start_campaign(d, campaign_id, scenario.max_parallel)
+        await start_campaign(d, campaign_id, scenario.max_parallel, scenario.canary_bake_s)
         return await following
     except CampaignStalled as stalled:
         steps = {n.node_id: n.step.value for n in stalled.view.nodes.values()}
@@ -552,7 +592,9 @@ async def _campaign_under_kills(
         await asyncio.gather(following, return_exceptions=True)
 
 
-async def start_campaign(d: E2EDeployment, campaign_id: str, max_parallel: int) -> None:
+async def start_campaign(
+    d: E2EDeployment, campaign_id: str, max_parallel: int, canary_bake_s: float = 0.0
+) -> None:
     """What `escalator upgrade start` does, in this process (the CLI's own functions): the
     e2e tests prove the CLI path; here it would only cost a Python start per run."""
     o = d.opts
@@ -567,6 +609,9 @@ async def start_campaign(d: E2EDeployment, campaign_id: str, max_parallel: int) 
         on_vnfm_timeout=VnfmTimeoutPolicy.MIGRATE,
         campaign_id=campaign_id,
         requested_by="chaos",
+        policy_extra=(
+            {"canary_nodes": 1, "canary_bake_s": canary_bake_s} if canary_bake_s > 0 else None
+        ),
     )
     await publish_upgrade_request(d.settings, request)
 

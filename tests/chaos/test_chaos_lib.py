@@ -289,11 +289,20 @@ class FakeDeployment:
         self.node_ids = node_ids
 
 
-async def feed(plans: tuple[KillPlan, ...], steps: list[tuple[str, NodeStep, str]]) -> Killer:
-    """Run the campaign events `steps` (node, step, detail) through a killer of `plans`."""
-    nodes = sorted({node for node, _, _ in steps})
-    scenario = Scenario(1, "full", len(nodes), 2, 0.4, 2, 20.0, plans)
-    fake = FakeDeployment(nodes)
+async def feed(
+    plans: tuple[KillPlan, ...],
+    steps: list[tuple[str, NodeStep, str]],
+    *,
+    bake_kill: KillPlan | None = None,
+    nodes: tuple[str, ...] = (),
+) -> Killer:
+    """Run the campaign events `steps` (node, step, detail) through a killer of `plans`; the
+    campaign's nodes are `nodes`, or those the steps name."""
+    nodes = tuple(sorted(nodes or {node for node, _, _ in steps}))
+    scenario = Scenario(
+        1, "full", len(nodes), 2, 0.4, 2, 20.0, plans, canary_bake_s=1.0, bake_kill=bake_kill
+    )
+    fake = FakeDeployment(list(nodes))
     killer = Killer(fake, scenario)  # type: ignore[arg-type]
     board = CampaignBoard()
     started = CampaignStarted(
@@ -370,3 +379,26 @@ async def test_an_overlap_kill_waits_for_two_nodes_in_their_cycle() -> None:
         "claiming",
         "notifying",
     ]
+
+
+def test_some_full_scenarios_aim_a_kill_at_the_canary_bake() -> None:
+    scenarios = [make_scenario(seed) for seed in range(1, 21)]
+    baking = [s for s in scenarios if s.bake_kill is not None]
+    assert len(baking) >= 5
+    assert all(
+        s.canary_bake_s > 0 and s.bake_kill is not None and s.bake_kill.trigger == "pending"
+        for s in baking
+    )
+    assert all(make_scenario(seed, "sample").bake_kill is None for seed in SAMPLE_SEEDS)
+
+
+async def test_the_bake_kill_fires_when_no_node_is_in_its_cycle() -> None:
+    bake = KillPlan(("cloud-manager",), "pending", "pending", 0, 0.0)
+    step = KillPlan(("upgrade-manager",), "step", "claiming", 0, 0.0)
+    killer = await feed(
+        (step,), [*cycle("n1"), ("n2", C, ""), ("n2", N, "")], bake_kill=bake, nodes=("n1", "n2")
+    )
+    kills = {tuple(k.killed): k for k in killer.done}
+    assert set(kills) == {("upgrade-manager",), ("cloud-manager",)}
+    # at the bake kill, n1 was done and n2 not started
+    assert kills[("cloud-manager",)].seen == {"n1": "done", "n2": "pending"}
