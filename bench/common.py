@@ -19,12 +19,14 @@ reported as "not built".
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -412,3 +414,55 @@ __all__ = [
     "render_table",
     "run_sections",
 ]
+
+# --- waiting on a deployment (the live sections) ---------------------------------------------
+
+
+async def wait_log(deployment: Any, name: str, pattern: str, timeout_s: float) -> None:
+    """Until the child `name` logged a line matching `pattern`; fails if a child died."""
+    regex = re.compile(pattern)
+    path = deployment.group.children[name].log_path
+    give_up = time.monotonic() + timeout_s
+    while True:
+        deployment.check_alive()
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        if regex.search(text):
+            return
+        if time.monotonic() > give_up:
+            raise TimeoutError(f"{name} never logged /{pattern}/ within {timeout_s}s")
+        await asyncio.sleep(0.2)
+
+
+async def wait_for_inventory(
+    settings: Any, node_ids: Sequence[str], deployment: Any, timeout_s: float
+) -> None:
+    """Until the Cloud Manager's inventory topic has a record for every node (keys only)."""
+    from escalator.bus.readback import scan
+    from schemas.topics import CLOUD_INVENTORY
+
+    missing = {n.encode() for n in node_ids}
+    give_up = time.monotonic() + timeout_s
+
+    async def follow() -> None:
+        async for record in scan(settings, CLOUD_INVENTORY, follow=True):
+            missing.discard(record.key or b"")
+            if not missing:
+                return
+
+    task = asyncio.create_task(follow())
+    try:
+        while not task.done():
+            deployment.check_alive()
+            if time.monotonic() > give_up:
+                raise TimeoutError(
+                    f"the inventory lacks {len(missing)} of {len(node_ids)} node(s) after "
+                    f"{timeout_s:.0f} s"
+                )
+            await asyncio.wait({task}, timeout=0.5)
+        task.result()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

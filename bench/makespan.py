@@ -56,7 +56,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import Row
+from bench.common import Row, wait_for_inventory
 
 if TYPE_CHECKING:
     from bench.common import BenchContext
@@ -298,25 +298,6 @@ def _node_agent_argvs(node_ids: list[str], world_url: str) -> list[tuple[str, li
     ]
 
 
-async def _wait_for_inventory(settings: Any, node_ids: list[str], timeout_s: float) -> None:
-    from escalator.bus.readback import read_to_high_watermark
-    from schemas.topics import CLOUD_INVENTORY
-
-    wanted = set(node_ids)
-    give_up = time.monotonic() + timeout_s
-    while True:
-        records = await read_to_high_watermark(settings, CLOUD_INVENTORY)
-        missing = wanted - {key.decode() for key in records}
-        if not missing:
-            return
-        if time.monotonic() > give_up:
-            raise TimeoutError(
-                f"the Cloud Manager's inventory lacks {len(missing)} of {len(wanted)} node(s) "
-                f"after {timeout_s:.0f} s (e.g. {sorted(missing)[:3]})"
-            )
-        await asyncio.sleep(1.0)
-
-
 async def _live_campaign(
     deployment: Any, speed: float, log: Callable[[str], None], timeout_s: float
 ) -> dict[str, Any]:
@@ -341,7 +322,7 @@ async def _live_campaign(
     _start_services(deployment)
     log(f"makespan: live run, {len(deployment.node_ids)} nodes, services starting")
     await wait_for_heartbeats(settings, deployment.node_ids, deployment, timeout_s=180)
-    await _wait_for_inventory(settings, deployment.node_ids, timeout_s=60)
+    await wait_for_inventory(settings, deployment.node_ids, deployment, 60)
 
     version = "2.0.0"
     nodes = len(deployment.node_ids)

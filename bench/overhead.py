@@ -45,7 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchContext, Row, percentile, rounded
+from bench.common import BenchContext, Row, percentile, rounded, wait_log
 
 # --- sizes -------------------------------------------------------------------------------------
 
@@ -571,23 +571,6 @@ def _deployment_class() -> Any:
     return BenchDeployment
 
 
-async def _wait_log(deployment: Any, name: str, pattern: str, timeout_s: float) -> None:
-    regex = re.compile(pattern)
-    path = deployment.group.children[name].log_path
-    give_up = time.monotonic() + timeout_s
-    while True:
-        deployment.check_alive()
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            text = ""
-        if regex.search(text):
-            return
-        if time.monotonic() > give_up:
-            raise TimeoutError(f"{name} never logged /{pattern}/ within {timeout_s}s")
-        await asyncio.sleep(0.2)
-
-
 async def follow_campaign(
     settings: Any, campaign_id: str, deployment: Any, total: int, timeout_s: float, log: Any
 ) -> str:
@@ -876,7 +859,7 @@ async def _run(ctx: BenchContext) -> dict[str, Any]:
             f"{len(deployment.vnfm_ids)} reference VNFM(s)); waiting for heartbeats"
         )
         await wait_for_heartbeats(settings, deployment.node_ids, deployment, 120 + nodes * 0.2)
-        await _wait_log(deployment, "upgrade-manager", UM_READY, 120)
+        await wait_log(deployment, "upgrade-manager", UM_READY, 120)
 
         ctx.log(f"overhead: ping-pong, {rounds} round trips")
         stats, _ = await measure_pingpong(settings, deployment.group, rounds)

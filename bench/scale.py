@@ -72,7 +72,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import Row, percentile, rounded
+from bench.common import Row, percentile, rounded, wait_for_inventory, wait_log
 
 if TYPE_CHECKING:
     from bench.common import BenchContext
@@ -538,7 +538,7 @@ async def _manager_ready(
     start it once more (what a supervisor would do), then wait again."""
     for attempt in range(2):
         try:
-            await _wait_log(deployment, "upgrade-manager", UM_READY, 900)
+            await wait_log(deployment, "upgrade-manager", UM_READY, 900)
             return
         except RuntimeError:
             child = deployment.group.children["upgrade-manager"]
@@ -549,52 +549,6 @@ async def _manager_ready(
             result.setdefault("upgrade_manager_startup_failures", []).append(why)
             log(f"scale: the Upgrade Manager exited while starting ({why}); starting it again")
             deployment.group.restart("upgrade-manager")
-
-
-async def _wait_log(deployment: Any, name: str, pattern: str, timeout_s: float) -> None:
-    regex = re.compile(pattern)
-    path = deployment.group.children[name].log_path
-    give_up = time.monotonic() + timeout_s
-    while True:
-        deployment.check_alive()
-        with contextlib.suppress(OSError):
-            if regex.search(path.read_text(errors="replace")):
-                return
-        if time.monotonic() > give_up:
-            raise TimeoutError(f"{name} never logged /{pattern}/ within {timeout_s:.0f} s")
-        await asyncio.sleep(0.5)
-
-
-async def _wait_for_inventory(
-    settings: Any, node_ids: Sequence[str], deployment: Any, timeout_s: float
-) -> None:
-    """Until the Cloud Manager's inventory topic has a record for every node (keys only)."""
-    from escalator.bus.readback import scan
-    from schemas.topics import CLOUD_INVENTORY
-
-    missing = {n.encode() for n in node_ids}
-    give_up = time.monotonic() + timeout_s
-
-    async def follow() -> None:
-        async for record in scan(settings, CLOUD_INVENTORY, follow=True):
-            missing.discard(record.key or b"")
-            if not missing:
-                return
-
-    task = asyncio.create_task(follow())
-    try:
-        while not task.done():
-            deployment.check_alive()
-            if time.monotonic() > give_up:
-                raise TimeoutError(
-                    f"the inventory lacks {len(missing)} of {len(node_ids)} node(s) after "
-                    f"{timeout_s:.0f} s"
-                )
-            await asyncio.wait({task}, timeout=0.5)
-        task.result()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def topic_end_offsets(settings: Any, names: Sequence[str]) -> dict[str, int]:
@@ -784,7 +738,7 @@ async def _live(
     deployment.group.spawn(
         "cloud-manager", python_module("services.cloud_manager", "--world", deployment.world_url)
     )
-    await _wait_for_inventory(settings, deployment.node_ids, deployment, 300 + total * 0.1)
+    await wait_for_inventory(settings, deployment.node_ids, deployment, 300 + total * 0.1)
     t = phase("cloud_manager_inventory", t)
     _start_vnfm_side(deployment)
     _start_manager(deployment)
