@@ -576,6 +576,16 @@ class BusinessMoved(Event):
 
     event_type: Literal["BusinessMoved"] = type_field("BusinessMoved")
     node_id: NodeId = _NODE
+    request_id: uuid.UUID | None = Field(
+        default=None,
+        description=(
+            "event_id of the BusinessMoveRequested this answers. causation_id names what "
+            "completed the answer: the last VNFM reply, or the request itself when no VNFM was "
+            "asked or a deadline closed it. Absent from older producers, whose causation_id "
+            "always named the request."
+        ),
+        examples=["6f1c2a4e-9b0d-4c1e-8a57-3d2f1e0b9c48"],
+    )
     outcomes: tuple[VmBusinessOutcome, ...] = Field(
         description="One outcome per VM of the request.",
         examples=[[{"vm_id": "vm-0007", "vnf_id": "vnf-epc-1", "outcome": "switched_over"}]],

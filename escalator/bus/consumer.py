@@ -20,7 +20,13 @@ Per record:
   be worse than waiting.
 
 Records of one partition are processed one after the other, in offset order; offsets are
-committed per partition after each fetched batch (and on a graceful stop).
+committed per partition after each fetched batch (and on a graceful stop). With
+`commit_interval_s` > 0 they are committed at most that often instead (and whenever a poll
+comes back empty, and on a graceful stop): a request/reply service then does not pay a commit
+round trip between two inputs. `before_commit` runs before every commit: a service whose
+handlers hand writes to the producer without waiting for their ack waits for them there, so a
+committed offset still means durable effects. Offsets not yet committed when a partition is
+taken away or the process dies are redelivered, as at-least-once delivery allows.
 
 Long work (an upgrade that takes minutes) must not run inside a handler: while a handler runs,
 the loop does not poll, and a consumer that does not poll within ``max_poll_interval_ms`` is
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +73,10 @@ log = logging.getLogger(__name__)
 
 HANDLER_ERROR = "handler_error"
 CONSUMER_ERROR = "consumer_error"
+
+# What the request/reply services pass as `commit_interval_s`: the redelivery a crash can cause
+# stays below half a second of inputs (the Upgrade Manager uses the same bound).
+LAZY_COMMIT_INTERVAL_S = 0.5
 
 # A dead letter carries the record base64-encoded; keep it well under the broker's max size.
 MAX_DEAD_LETTER_VALUE_BYTES = MAX_EVENT_BYTES // 2
@@ -338,6 +349,8 @@ class EventConsumer:
         metrics: BusMetrics | None = None,
         registry: CollectorRegistry | None = None,
         transient: Callable[[BaseException], bool] = is_transient_error,
+        commit_interval_s: float = 0.0,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """`handler_attempts` counts the first call (4 = one call and up to three retries).
         Failures for which `transient(exc)` is true (Kafka unreachable, by default) do not
@@ -346,9 +359,14 @@ class EventConsumer:
         `concurrent_partitions=True` runs the batches of different partitions concurrently
         (each partition still in order); by default one record is handled at a time.
         `registry` builds private metrics on it; otherwise `metrics` or the process default.
+        `commit_interval_s` and `before_commit`: see the module doc (0 commits after every
+        batch). An exception from `before_commit` ends `run` with it: effects the handlers
+        reported done were lost, and only a restart from the last commit redoes them.
         """
         if handler_attempts < 1:
             raise ValueError("handler_attempts must be at least 1")
+        if commit_interval_s < 0:
+            raise ValueError("commit_interval_s must not be negative")
         for cls in handlers:
             if not (isinstance(cls, type) and issubclass(cls, Event)):
                 raise TypeError(f"handler key {cls!r} is not an Event class")
@@ -370,6 +388,10 @@ class EventConsumer:
         if registry is not None:
             metrics = BusMetrics(registry)
         self.metrics = metrics if metrics is not None else BusMetrics.default()
+        self._commit_interval_s = commit_interval_s
+        self._before_commit = before_commit
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._last_commit = time.monotonic()
         self._stop = asyncio.Event()
         self._done = asyncio.Event()
         self._task: asyncio.Task[Any] | None = None
@@ -406,6 +428,7 @@ class EventConsumer:
         graceful = False
         try:
             await self._loop()
+            await self.commit_pending()
             graceful = True
         finally:
             try:
@@ -436,6 +459,7 @@ class EventConsumer:
                 continue
             error_backoff = self._backoff
             if not batches:
+                await self.commit_pending()
                 continue
             if self._concurrent and len(batches) > 1:
                 await asyncio.gather(
@@ -446,6 +470,8 @@ class EventConsumer:
                     if self._stop.is_set():
                         break
                     await self._process_partition(tp, list(records))
+            if time.monotonic() - self._last_commit >= self._commit_interval_s:
+                await self.commit_pending()
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep unless a stop is requested; True if the loop should go on."""
@@ -466,23 +492,39 @@ class EventConsumer:
                 break  # only when stopping: this record stays uncommitted
             done = record.offset
         if done is not None:
-            await self._commit(tp, done + 1)
+            self._uncommitted[tp] = done + 1
 
-    async def _commit(self, tp: TopicPartition, offset: int) -> None:
+    async def commit_pending(self) -> None:
+        """Commit the offsets handled since the last commit (after `before_commit`)."""
+        if not self._uncommitted:
+            return
+        if self._before_commit is not None:
+            await self._before_commit()
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._last_commit = time.monotonic()
         try:
-            await self._consumer.commit({tp: offset})
+            await self._consumer.commit(offsets)
         except KafkaError as err:
-            # Typically a rebalance took the partition away; its new owner re-reads from the
-            # last commit, so this only causes redeliveries (handlers are idempotent).
-            self.metrics.commit_failures.labels(self.group).inc()
-            log.warning(
-                "consumer %s: commit %s[%d]@%d failed: %r",
-                self.instance,
-                tp.topic,
-                tp.partition,
-                offset,
-                err,
-            )
+            if len(offsets) == 1:
+                self._commit_failed(offsets, err)
+                return
+            # One partition taken away by a rebalance fails the whole call: commit the others.
+            for tp, offset in offsets.items():
+                try:
+                    await self._consumer.commit({tp: offset})
+                except KafkaError as one:
+                    self._commit_failed({tp: offset}, one)
+
+    def _commit_failed(self, offsets: Mapping[TopicPartition, int], err: KafkaError) -> None:
+        # Typically a rebalance took the partition away; its new owner re-reads from the last
+        # commit, so this only causes redeliveries (handlers are idempotent).
+        self.metrics.commit_failures.labels(self.group).inc()
+        log.warning(
+            "consumer %s: commit of %s failed: %r",
+            self.instance,
+            ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in offsets.items()),
+            err,
+        )
 
     def _handler_for(self, cls: type[Event]) -> Handler | None:
         for klass in cls.__mro__:

@@ -230,11 +230,20 @@ class WorldClient:
         self, node_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.05
     ) -> RebootRecord:
         """Poll until the node's latest reboot is over; returns its record (succeeded/failed)."""
+        node = await self.wait_reboot_over(node_id, timeout_s=timeout_s, poll_s=poll_s)
+        assert node.reboot is not None
+        return node.reboot
+
+    async def wait_reboot_over(
+        self, node_id: str, *, timeout_s: float = 60.0, poll_s: float = 0.05
+    ) -> NodeView:
+        """Poll until the node's latest reboot is over; returns the node as the last poll read
+        it (so that a caller checking the version afterwards need not read it again)."""
         deadline = time.monotonic() + timeout_s
         while True:
             node = await self.node(node_id)
             if node.reboot is not None and node.reboot.state != "in_progress":
-                return node.reboot
+                return node
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {node_id} still rebooting after {timeout_s}s")
             await asyncio.sleep(poll_s)

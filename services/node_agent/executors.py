@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from escalator.world.client import WorldClient, WorldError
-from escalator.world.model import NodeView, RebootRecord
+from escalator.world.model import NodeView
 from schemas.types import VersionManifest
 from services.node_agent.domain import manifest_problems
 from services.node_agent.ports import (
@@ -138,15 +138,16 @@ class SimulatedExecutor:
                 )
             await on_progress("rebooting", 50.0)
         try:
-            finished = await self._wait_reboot()
+            node = await self._wait_reboot()
         except TimeoutError as err:
             return RollbackFailed(reason=str(err))
+        finished = node.reboot
+        assert finished is not None
         if finished.state != "succeeded":
             return RollbackFailed(
                 reason=f"reboot #{finished.sequence} into {previous_version} failed",
-                installed_version=(await self._node()).installed_version,
+                installed_version=node.installed_version,
             )
-        node = await self._node()
         if node.installed_version != previous_version:
             return RollbackFailed(
                 reason=f"node runs {node.installed_version} after rebooting into "
@@ -194,16 +195,17 @@ class SimulatedExecutor:
                 )
             await on_progress("rebooting", 30.0)
         try:
-            finished = await self._wait_reboot()
+            node = await self._wait_reboot()
         except TimeoutError as err:
             return ApplyFailed(reason=str(err), phase="reboot")
+        finished = node.reboot
+        assert finished is not None
         if finished.state != "succeeded":
             return ApplyFailed(
                 reason=f"reboot #{finished.sequence} to {target} failed",
                 phase="reboot",
                 installed_version=finished.previous_version,
             )
-        node = await self._node()
         if node.installed_version != target:
             return ApplyFailed(
                 reason=f"node runs {node.installed_version} after rebooting into {target}",
@@ -213,9 +215,10 @@ class SimulatedExecutor:
         await on_progress("rebooted", 90.0)
         return ApplySucceeded(version=target, started_here=not resuming)
 
-    async def _wait_reboot(self) -> RebootRecord:
+    async def _wait_reboot(self) -> NodeView:
+        """The node once its latest reboot is over, as that last poll read it."""
         return await self._retrying(
-            lambda: self._world.wait_reboot_finished(
+            lambda: self._world.wait_reboot_over(
                 self._node_id, timeout_s=self._timeout_s, poll_s=self._poll_s
             )
         )

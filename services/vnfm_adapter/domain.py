@@ -182,6 +182,11 @@ class NodeCollection(ValueModel):
     closed: bool = Field(default=False, description="BusinessMoved was emitted.")
     timed_out: bool = False
     refused: bool = False
+    completed_by: uuid.UUID | None = Field(
+        default=None,
+        description="The input that completed the collection (the BusinessMoved's causation); "
+        "None: the request itself.",
+    )
     requested_at: AwareDatetime | None = Field(
         default=None, description="occurred_at of the request: its reply window starts there."
     )
@@ -568,7 +573,8 @@ def _on_request(out: _Out, request: BusinessMoveRequested, ctx: Context) -> None
         if (current.request_id == request.event_id or same) and current.closed:
             # The manager re-sent a request we already answered: it may have lost the answer
             # (it restarted before recording it), so answer again, with the same id.
-            out.commands.append(_business_moved(current, ctx, current.timed_out))
+            cause = current.completed_by or current.request_id
+            out.commands.append(_business_moved(current, ctx, current.timed_out, cause))
             return
         if current.request_id == request.event_id or same:
             out.reject(
@@ -707,21 +713,37 @@ def _send(
 
 
 def _close(
-    out: _Out, record: NodeCollection, ctx: Context, *, timed_out: bool | None = None
+    out: _Out,
+    record: NodeCollection,
+    ctx: Context,
+    *,
+    timed_out: bool | None = None,
+    completed_by: uuid.UUID | None = None,
 ) -> None:
-    """Emit the node's one BusinessMoved and keep the record, closed."""
+    """Emit the node's one BusinessMoved and keep the record, closed. `completed_by` is the
+    vendor input that completed the collection (its causation); without one (no VNFM to ask,
+    a deadline) the request itself caused it."""
     if timed_out is None:
         timed_out = any(n.expired for n in record.notices)
-    moved = _business_moved(record, ctx, timed_out)
+    moved = _business_moved(record, ctx, timed_out, completed_by or record.request_id)
     out.commands.append(moved)
     closed = record.model_copy(
-        update={"closed": True, "timed_out": timed_out, "refused": bool(moved.refusals)}
+        update={
+            "closed": True,
+            "timed_out": timed_out,
+            "refused": bool(moved.refusals),
+            "completed_by": completed_by,
+        }
     )
     out.state = out.state.with_node(record.node_id, closed)
 
 
-def _business_moved(record: NodeCollection, ctx: Context, timed_out: bool) -> BusinessMoved:
-    """The node's BusinessMoved, always with the same id, so that a repeat is a duplicate."""
+def _business_moved(
+    record: NodeCollection, ctx: Context, timed_out: bool, cause: uuid.UUID
+) -> BusinessMoved:
+    """The node's BusinessMoved, always with the same id, so that a repeat is a duplicate. It
+    names the request it answers in `request_id`; its causation is what completed it (the last
+    reply, so that causation chains show the VNFM round trip the answer waited for)."""
     answered: dict[VmId, VmBusinessOutcome] = {
         o.vm_id: o for n in record.notices if n.outcomes is not None for o in n.outcomes
     }
@@ -741,10 +763,11 @@ def _business_moved(record: NodeCollection, ctx: Context, timed_out: bool) -> Bu
         **_envelope(
             record,
             business_moved_id(record.campaign_id, record.node_id, record.attempt),
-            record.request_id,
+            cause,
             ctx,
         ),
         node_id=record.node_id,
+        request_id=record.request_id,
         outcomes=outcomes,
         timed_out=timed_out,
         refusals=refusals,
@@ -991,7 +1014,7 @@ def _on_reply(out: _Out, reply: VnfBusinessMoved, ctx: Context) -> None:
         return
     record = _replace(record, notice, notice.model_copy(update={"outcomes": validated}))
     if all(n.done for n in record.notices):
-        _close(out, record, ctx)
+        _close(out, record, ctx, completed_by=reply.event_id)
     else:
         out.state = out.state.with_node(record.node_id, record)
 
@@ -1078,7 +1101,7 @@ def _on_refusal(out: _Out, refusal: BusinessMoveRefused, ctx: Context) -> None:
         f"{notice.vnfm_id} refused ({refusal.reason}); the node is deferred",
         ctx,
     )
-    _close(out, record, ctx)
+    _close(out, record, ctx, completed_by=refusal.event_id)
 
 
 def _on_heartbeat(out: _Out, beat: MaintenanceDeadlineExtended, ctx: Context) -> None:

@@ -66,7 +66,7 @@ from schemas.events import (
     VnfMaintenanceNotified,
     VnfRecovered,
 )
-from schemas.types import BusinessOutcome, MaintenanceAction, VmBusinessOutcome
+from schemas.types import AffectedVnf, BusinessOutcome, MaintenanceAction, VmBusinessOutcome
 from services.vnfm_adapter.settings import ReferenceVnfmSettings
 
 log = logging.getLogger(__name__)
@@ -363,31 +363,26 @@ class ReferenceVnfm:
             return None
         if notice.notice_id in self.refused or len(self.refused) < self.refuse_first:
             return await self._refuse(notice)
-        views = await self._views(a.vnf_id for a in notice.vnfs)
-        plans = plan_notice(notice, self.vnfm_id, views)
-        # Each VNF's own members one after another (a switch-over then a drain of one pair
-        # depend on each other); different VNFs at once, as a VNFM with many VNFs would.
-        by_vnf: dict[str, list[VmPlan]] = {}
-        for plan in plans:
-            by_vnf.setdefault(plan.vnf_id, []).append(plan)
+        # Each VNF read, planned and acted on by itself, its own members one after another (a
+        # switch-over then a drain of one pair depend on each other); different VNFs at once,
+        # as a VNFM with many VNFs would, so that no VNF waits for another's read.
 
-        async def run(group: list[VmPlan]) -> list[VmPlan]:
-            if self.ack_without_acting:
-                return group
-            return [await self._execute(plan) for plan in group]
-
-        results = {
-            id(plan): result
-            for group, outcome in zip(
-                by_vnf.values(),
-                await asyncio.gather(*(run(g) for g in by_vnf.values())),
-                strict=True,
+        async def run(affected: AffectedVnf) -> list[VmPlan]:
+            views = await self._views([affected.vnf_id])
+            plans = plan_notice(
+                notice.model_copy(update={"vnfs": (affected,)}), self.vnfm_id, views
             )
-            for plan, result in zip(group, outcome, strict=True)
-        }
+            if self.ack_without_acting:
+                return list(plans)
+            return [await self._execute(plan) for plan in plans]
+
+        results = [
+            result
+            for outcome in await asyncio.gather(*(run(a) for a in notice.vnfs))
+            for result in outcome
+        ]
         done: list[VmPlan] = []
-        for plan in plans:
-            result = results[id(plan)]
+        for result in results:
             if result.action is WorldAction.DRAIN and not self.ack_without_acting:
                 self.drained.setdefault(notice.node_id, set()).add((result.vnf_id, result.vm_id))
             log.info("%s: %s/%s -> %s (%s)", self.producer, *_vm(result), result.reason)

@@ -21,11 +21,18 @@ without campaign, a stale attempt: a bug of ours), which are dead-lettered with 
 `vnfm_adapter_rejected`. A vendor stuck in a loop of wrong replies thus cannot flood the topic
 operators alert on. Redelivered duplicates are only logged.
 
-Durability, per input: publish the decision's events, then write the changed node records to the
-compacted state topic, then (the consume loop) commit the input's offset. A crash anywhere in
-between replays the input against the state before it, which re-emits identical events (the core's
-ids are deterministic) that receivers drop as duplicates. At start the state is rebuilt by reading
-the state topic to its high watermark, so a deadline survives a crash of the adapter.
+Durability, per input: publish the decision's events and wait for their ack, then hand the
+changed node records to the producer for the compacted state topic *without* waiting, then (the
+consume loop, at most every `LAZY_COMMIT_INTERVAL_S`) wait for every state write handed over so
+far and commit the offsets. So the next input (the second VNFM's reply, typically) is not held up
+by the first one's state write, and a committed offset still means durable events and state. A
+crash anywhere in between replays the uncommitted inputs against the state the topic holds,
+which re-emits identical events (the core's ids are deterministic) that receivers drop as
+duplicates; events always reach the broker before the state that records them. A state write
+that fails for good (the producer gave up after its delivery timeout) stops the adapter: its
+memory is then ahead of the topic, and only a restart from the last commit mends that. At start
+the state is rebuilt by reading the state topic to its high watermark, so a deadline survives a
+crash of the adapter.
 
 One adapter instance at a time: replies arrive on any partition, so a collection's replies cannot
 be routed to the instance that owns its node.
@@ -58,7 +65,7 @@ from escalator.bus import (
     read_to_high_watermark,
     topic_partitions,
 )
-from escalator.bus.consumer import is_transient_error
+from escalator.bus.consumer import LAZY_COMMIT_INTERVAL_S, is_transient_error
 from escalator.registry import VnfRegistry
 from escalator.settings import KafkaSettings
 from schemas.codec import InvalidEvent, InvalidReason, decode, encode
@@ -131,11 +138,23 @@ def topic_for(event: Event) -> TopicSpec:
 # --- ports -----------------------------------------------------------------------------------
 
 
+MAX_UNSETTLED_WRITES = 1000
+
+
+class StateWriteLost(RuntimeError):
+    """A state record handed to the producer was not written: the adapter must restart."""
+
+
 class StateStore(Protocol):
     async def load(self) -> AdapterState: ...
 
     async def save(self, changes: Mapping[str, StateRecord | None]) -> None:
-        """Write changed records (None: delete) durably before returning."""
+        """Hand changed records (None: delete) to be written, in order; `settle` waits for
+        them to be durable."""
+        ...
+
+    async def settle(self) -> None:
+        """Return once every record handed to `save` is durable; raise if one was lost."""
         ...
 
 
@@ -166,6 +185,7 @@ class KafkaStateStore:
         self._kafka = kafka
         self._producer = producer
         self.topic = kafka.topic(topic)
+        self._unsettled: list[asyncio.Future[object]] = []
 
     async def load(self) -> AdapterState:
         records = await read_to_high_watermark(self._kafka, self.topic, decoder=lambda raw: raw)
@@ -179,17 +199,22 @@ class KafkaStateStore:
         return state_from_records(decoded)
 
     async def save(self, changes: Mapping[str, StateRecord | None]) -> None:
-        futures = [
-            await self._producer.send(
-                self.topic,
-                value=None if record is None else record.model_dump_json().encode(),
-                key=key.encode(),
+        if len(self._unsettled) >= MAX_UNSETTLED_WRITES:
+            await self.settle()  # bounded memory while inputs that commit are rare (ticks)
+        for key, record in changes.items():
+            self._unsettled.append(
+                await self._producer.send(
+                    self.topic,
+                    value=None if record is None else record.model_dump_json().encode(),
+                    key=key.encode(),
+                )
             )
-            for key, record in changes.items()
-        ]
+
+    async def settle(self) -> None:
+        futures, self._unsettled = self._unsettled, []
         for result in await asyncio.gather(*futures, return_exceptions=True):
             if isinstance(result, BaseException):
-                raise result
+                raise StateWriteLost(f"a state record was not written: {result!r}") from result
 
 
 class KafkaRegistrySource:
@@ -359,6 +384,8 @@ class VnfmAdapterService:
                 # A re-sent request means the manager may have lost our answer: the core is
                 # idempotent by state and repeats it (same id), so nothing is skipped here.
                 dedupe_capacity=0,
+                commit_interval_s=LAZY_COMMIT_INTERVAL_S,
+                before_commit=self._store.settle,
             )
             if self._stop.is_set():
                 self._loop.request_stop()
@@ -378,8 +405,9 @@ class VnfmAdapterService:
     # --- inputs --------------------------------------------------------------------------------
 
     async def apply(self, event: Input) -> Decision:
-        """Decide, publish, persist; the new state is kept only once all of that succeeded, so a
-        failure leaves the input to be retried against the same state."""
+        """Decide, publish (acknowledged), hand the state changes to the store; the new state
+        is kept only once all of that succeeded, so a failure leaves the input to be retried
+        against the same state. The consume loop settles the store before it commits."""
         async with self._lock:
             before = self.state
             decision = decide(before, event, self._ctx())

@@ -281,7 +281,8 @@ async def test_request_to_business_moved_through_the_reference_vnfms(
         events = await read_until(settings, settings.topic(VNFM_EVENTS.name), lambda got: bool(got))
         [moved] = events
         assert isinstance(moved, BusinessMoved)
-        assert moved.causation_id == req.event_id and not moved.timed_out
+        assert moved.request_id == req.event_id and not moved.timed_out
+        assert moved.causation_id != req.event_id  # the last VNFM reply completed it
         outcome = {o.vm_id: o.outcome for o in moved.outcomes}
         assert set(outcome) == {vm.id for vm in vms}
         for vm in vms:

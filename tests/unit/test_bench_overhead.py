@@ -99,7 +99,9 @@ class Chain:
         self.events.append(event)
         return event
 
-    def cycle(self, node: str, cause: Observed, *, migrate: bool = True) -> Observed:
+    def cycle(
+        self, node: str, cause: Observed, *, migrate: bool = True, cites_reply: bool = False
+    ) -> Observed:
         """One node's cycle as the services produce it; returns the cloud's exit, the cause of
         the next node's claim (decided in the same decision as this node's NodeAvailable)."""
         first = cause.event_type == "UpgradeRequested"
@@ -109,8 +111,9 @@ class Chain:
         self.add("NodeCycleAdvanced", UM, entered, node, dt=0, detail="notifying")
         notices = [self.add("VnfMaintenanceNotified", VA, ask, node) for _ in range(2)]
         replies = [self.add("VnfBusinessMoved", VNFM, n, None) for n in notices]
-        # The adapter's collected answer cites the request, not the replies it waited for.
-        moved = self.add("BusinessMoved", VA, ask, node)
+        # The adapter's collected answer cites the request (older adapters), or the reply that
+        # completed it (today's).
+        moved = self.add("BusinessMoved", VA, replies[-1] if cites_reply else ask, node)
         assert moved.occurred_at > max(r.record_ts for r in replies)
         before_upgrade = moved
         if migrate:
@@ -129,11 +132,13 @@ class Chain:
         return exited
 
 
-def campaign(nodes: int = 3, *, migrate_every: int = 2) -> Chain:
+def campaign(nodes: int = 3, *, migrate_every: int = 2, cites_reply: bool = False) -> Chain:
     chain = Chain()
     cause = chain.add("UpgradeRequested", "operator-cli", None, None)
     for i in range(nodes):
-        cause = chain.cycle(f"n{i + 1}", cause, migrate=i % migrate_every == 0)
+        cause = chain.cycle(
+            f"n{i + 1}", cause, migrate=i % migrate_every == 0, cites_reply=cites_reply
+        )
     chain.add("CampaignCompleted", UM, cause, None, dt=0)
     return chain
 
@@ -161,6 +166,21 @@ def test_cycles_are_bounded_by_the_managers_first_command_and_its_node_available
     # Cycles tile the campaign: the next node's claim is decided with this node's end.
     n3_start, _ = bounds["n3"]
     assert n3_start.occurred_at == end.occurred_at
+
+
+def test_an_answer_citing_its_completing_reply_puts_the_vnfm_round_trip_in_the_chain() -> None:
+    chain = campaign(2, migrate_every=2, cites_reply=True)
+    cycles = {c.node_id: c for c in analyse_cycles(chain.events, CONSUMERS)}
+    # ask -> notice -> reply -> moved: the two hops the joins used to add are now causation.
+    assert (cycles["n1"].hops, cycles["n2"].hops) == (12, 10)
+    assert (cycles["n1"].hops_with_joins, cycles["n2"].hops_with_joins) == (12, 10)
+    path = [e.event_type for e in cycles["n2"].path]
+    assert path[2:6] == [
+        "BusinessMoveRequested",
+        "VnfMaintenanceNotified",
+        "VnfBusinessMoved",
+        "BusinessMoved",
+    ]
 
 
 def test_hops_are_the_longest_causation_path_counting_service_crossings() -> None:

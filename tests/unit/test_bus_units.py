@@ -434,6 +434,114 @@ async def test_stop_during_retry_leaves_the_record_uncommitted() -> None:
     assert fake.commits == []
 
 
+TP1 = TopicPartition("cmds", 1)
+
+
+async def test_lazy_commits_wait_for_the_interval_and_settle_first() -> None:
+    """With `commit_interval_s`, batches are committed together once the interval passed (or
+    the poll comes back empty), always after `before_commit`, never before their handlers."""
+    events = [VmListRequested(node_id=f"n{i}") for i in range(5)]
+    fake = FakeConsumer(
+        [
+            {TP: [_rec(0, encode(events[0]))]},
+            {TP1: [Rec("cmds", 1, 0, encode(events[1]))]},
+            {TP: [_rec(1, encode(events[2])), _rec(2, encode(events[3]))]},
+        ]
+    )
+    order: list[str] = []
+    settled_writes: list[int] = []
+
+    async def on_list(event: VmListRequested, info: RecordInfo) -> None:
+        order.append(f"handled {event.node_id}")
+
+    async def settle() -> None:
+        # The commit must come after this: a service waits here for its unacknowledged writes.
+        settled_writes.append(len(order))
+        order.append("settled")
+
+    loop = EventConsumer(
+        fake,
+        FakeDeadLetters(),
+        group="g",
+        instance="i/0",
+        handlers={VmListRequested: on_list},
+        commit_interval_s=3600,
+        before_commit=settle,
+        registry=CollectorRegistry(),
+    )
+    committed_when: list[list[str]] = []
+    real_commit = fake.commit
+
+    async def commit(offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        committed_when.append(list(order))
+        await real_commit(offsets)
+
+    fake.commit = commit  # type: ignore[method-assign]
+    fake.on_empty = lambda: None
+    task = asyncio.create_task(loop.run())
+    for _ in range(200):
+        if fake.commits:
+            break
+        await asyncio.sleep(0.005)
+    # An hour's interval: the three batches were only committed when the poll came back empty,
+    # all at once, after the settle.
+    assert fake.commits == [{TP: 3, TP1: 1}]
+    assert committed_when[0] == [
+        "handled n0",
+        "handled n1",
+        "handled n2",
+        "handled n3",
+        "settled",
+    ]
+    fake.batches.append({TP: [_rec(3, encode(events[4]))]})
+    for _ in range(200):
+        if "handled n4" in order:
+            break
+        await asyncio.sleep(0.005)
+    await loop.stop()
+    await task
+    # The graceful stop committed the last record, settling again first.
+    assert fake.commits[-1] == {TP: 4}
+    assert committed_when[-1][-1] == "settled" and settled_writes == [4, 6]
+
+
+async def test_a_failed_settle_ends_the_loop_without_committing() -> None:
+    fake = FakeConsumer([{TP: [_rec(0, encode(VmListRequested(node_id="n1")))]}])
+
+    async def on_list(event: VmListRequested, info: RecordInfo) -> None:
+        pass
+
+    async def settle() -> None:
+        raise RuntimeError("state write lost")
+
+    loop = EventConsumer(
+        fake,
+        FakeDeadLetters(),
+        group="g",
+        instance="i/0",
+        handlers={VmListRequested: on_list},
+        commit_interval_s=0.0,
+        before_commit=settle,
+        registry=CollectorRegistry(),
+    )
+    with pytest.raises(RuntimeError, match="state write lost"):
+        await asyncio.wait_for(loop.run(), 5)
+    assert fake.commits == []
+
+
+def test_commit_interval_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="commit_interval_s"):
+        EventConsumer(
+            FakeConsumer([]),
+            FakeDeadLetters(),
+            group="g",
+            instance="i/0",
+            handlers={},
+            commit_interval_s=-1,
+            registry=CollectorRegistry(),
+        )
+
+
 async def test_background_work_logs_failures_and_drains(caplog: pytest.LogCaptureFixture) -> None:
     work = BackgroundWork("upgrades")
     done = asyncio.Event()

@@ -816,7 +816,25 @@ def test_a_deferred_node_is_retried_after_deferral_s_with_new_command_ids() -> N
     # a redelivered answer of the deferred round decides nothing
     stale = reply(first_ask, BusinessMoved, node_id="n1", outcomes=(), refusals=(refusal(),))
     assert d.feed(stale) == [] and d.step("n1") is NodeStep.NOTIFYING
-    d.feed(reply(ask, BusinessMoved, node_id="n1", outcomes=(outcome("vm-a", "vnf-1", MOVED),)))
+    # The adapter's answers name the request they answer in `request_id`, their causation
+    # being the VNFM reply that completed them: a stale round's is still recognised...
+    stale_reply_caused = BusinessMoved(
+        **{**first_ask.caused(producer="test"), "causation_id": uuid.uuid4()},
+        request_id=first_ask.event_id,
+        node_id="n1",
+        outcomes=(),
+        refusals=(refusal(),),
+    )
+    assert d.feed(stale_reply_caused) == [] and d.step("n1") is NodeStep.NOTIFYING
+    # ... and the current round's decides, whatever its causation.
+    d.feed(
+        BusinessMoved(
+            **{**ask.caused(producer="test"), "causation_id": uuid.uuid4()},
+            request_id=ask.event_id,
+            node_id="n1",
+            outcomes=(outcome("vm-a", "vnf-1", MOVED),),
+        )
+    )
     [migrate] = of_type(d.last.commands, VmMigrationRequested)
     assert migrate.vm_id == "vm-b"
     assert migrate.event_id == cid("n1", NodeStep.MIGRATING, 1, "vm-b", "round-1")

@@ -224,7 +224,8 @@ def test_no_vnfm_involved_reports_at_once() -> None:
     assert outcome_map(moved) == {"vm-9": LEFT, "vm-10": LEFT}
     assert not moved.timed_out
     assert moved.event_id == business_moved_id(CAMPAIGN, "node-1", 1)
-    assert moved.causation_id == request(vms=vms).event_id
+    # Nobody was asked: the request itself caused the answer.
+    assert moved.causation_id == moved.request_id == request(vms=vms).event_id
     assert d.state.nodes["node-1"].closed
 
 
@@ -267,7 +268,8 @@ def test_complete_collection_reports_once_every_vnfm_answered() -> None:
     d = decide(d.state, reply(sent["vnfm-a"], {"vm-1": SWITCHED}), ctx(t1))
     assert d.commands == () and d.rejections == ()
     assert not d.state.nodes["node-1"].closed
-    d = decide(d.state, reply(sent["vnfm-b"], {"vm-3": DRAINED}), ctx(t1))
+    last = reply(sent["vnfm-b"], {"vm-3": DRAINED})
+    d = decide(d.state, last, ctx(t1))
     [moved] = d.commands
     assert isinstance(moved, BusinessMoved)
     assert not moved.timed_out
@@ -280,10 +282,21 @@ def test_complete_collection_reports_once_every_vnfm_answered() -> None:
     ]
     req = request()
     assert moved.campaign_id == CAMPAIGN
-    assert moved.causation_id == req.event_id
+    # It answers the request, and was caused by the reply that completed it: causation chains
+    # show the VNFM round trip it waited for.
+    assert moved.request_id == req.event_id
+    assert moved.causation_id == last.event_id
     assert moved.correlation_id == req.correlation_id
     assert moved.occurred_at == t1
     assert d.state.nodes["node-1"].closed
+    # Answered again for a re-sent request: the very same event, causation included.
+    [again] = decide(d.state, req, ctx(t1 + timedelta(seconds=1))).commands
+    assert isinstance(again, BusinessMoved)
+    assert (again.event_id, again.causation_id, again.request_id) == (
+        moved.event_id,
+        last.event_id,
+        req.event_id,
+    )
     # nothing more at the deadline
     assert decide(d.state, Tick(), ctx(DEADLINE)).commands == ()
     assert next_deadline(d.state) is None
@@ -311,6 +324,8 @@ def test_deadline_expires_unanswered_notices_and_reports_what_arrived() -> None:
     assert expired.node_id == "node-1"
     [moved] = of_type(d.commands, BusinessMoved)
     assert moved.timed_out
+    # The deadline, not a reply, closed it: the request is its cause.
+    assert moved.causation_id == moved.request_id == request().event_id
     assert outcome_map(moved) == {
         "vm-1": LEFT,
         "vm-3": DRAINED,
@@ -801,6 +816,7 @@ def test_refusal_ends_the_collection_cancels_the_others_and_reports_once() -> No
     ]
     assert not moved.timed_out and set(outcome_map(moved).values()) == {LEFT}
     assert moved.event_id == business_moved_id(CAMPAIGN, "node-1", 1)
+    assert moved.causation_id == no.event_id and moved.request_id == request().event_id
     record = d.state.nodes["node-1"]
     assert record.closed and record.refused
     # the same refusal again: harmless; the other VNFM's answer now: late, and it is told so

@@ -133,14 +133,16 @@ def begin_notify(txn: Txn, node: NodeRecord) -> None:
 
 
 def _answers_current_request(txn: Txn, node: NodeRecord, event: BusinessMoved) -> bool:
-    """An answer caused by this round's request (or one without causation, from older
-    producers): a redelivered answer of a deferred round must not decide the retried one."""
-    if event.causation_id is None or node.sent is None:
+    """An answer to this round's request (or one that names none): a redelivered answer of a
+    deferred round must not decide the retried one. Producers older than `request_id` named
+    the request in `causation_id`."""
+    answered = event.request_id if event.request_id is not None else event.causation_id
+    if answered is None or node.sent is None:
         return True
     current = step_command_id(
         txn.plan, node.node_id, NodeStep.NOTIFYING, node.sent.attempt, node.deferrals
     )
-    return event.causation_id == current
+    return answered == current
 
 
 def on_business_moved(txn: Txn, node: NodeRecord, event: BusinessMoved) -> None:
