@@ -39,6 +39,10 @@ T = TypeVar("T")
 
 # A world that cannot be reached is retried this long before the apply is reported failed.
 UNREACHABLE_GRACE_S = 30.0
+# The job's inspection read of the node, made just before its apply or rollback starts, serves
+# as that step's first read when it is this fresh (one world call fewer per job); an older one
+# is read again. Only this agent reboots its node, so nothing it decides on can change between.
+INSPECTION_REUSE_S = 1.0
 
 
 class SimulatedExecutor:
@@ -63,12 +67,14 @@ class SimulatedExecutor:
         self._reboot_s = reboot_s
         self._timeout_s = timeout_s
         self._poll_s = poll_s
+        self._inspected: tuple[float, NodeView] | None = None
 
     async def installed_version(self) -> str:
         return (await self._node()).installed_version
 
     async def record(self) -> ExecutorRecord:
         node = await self._node()
+        self._inspected = (time.monotonic(), node)
         reboot = node.reboot
         last = None
         if reboot is not None:
@@ -106,7 +112,7 @@ class SimulatedExecutor:
         """Reboot the node into `previous_version`. A reboot into it already under way (this
         rollback, started before the agent restarted) is waited for, not started again; a
         reboot toward another version under way is let finish first."""
-        node = await self._node()
+        node = await self._fresh_node()
         record = node.reboot
         resuming = (
             node.power == "rebooting"
@@ -163,7 +169,7 @@ class SimulatedExecutor:
         if problems:
             return ApplyFailed(reason="; ".join(problems), phase="verify", retryable=False)
         await on_progress("verified", 10.0)
-        node = await self._node()
+        node = await self._fresh_node()
         record = node.reboot
         resuming = (
             node.power == "rebooting"
@@ -222,6 +228,13 @@ class SimulatedExecutor:
                 self._node_id, timeout_s=self._timeout_s, poll_s=self._poll_s
             )
         )
+
+    async def _fresh_node(self) -> NodeView:
+        """The inspection's read if it is fresh enough (used once), else a new read."""
+        inspected, self._inspected = self._inspected, None
+        if inspected is not None and time.monotonic() - inspected[0] <= INSPECTION_REUSE_S:
+            return inspected[1]
+        return await self._node()
 
     async def _node(self) -> NodeView:
         return await self._retrying(lambda: self._world.node(self._node_id))
