@@ -83,7 +83,7 @@ class WorldClient:
         path: str,
         *,
         json: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
+        params: dict[str, str] | list[tuple[str, str]] | None = None,
     ) -> Any:
         try:
             async with self._http().request(
@@ -175,8 +175,14 @@ class WorldClient:
     async def vm(self, vm_id: str) -> VmView:
         return await self._model(VmView, "GET", f"/v1/vms/{_seg(vm_id)}")
 
-    async def vnfs(self) -> list[VnfView]:
-        return await self._models(VnfView, "vnfs", "GET", "/v1/vnfs")
+    async def vnfs(self, vnf_ids: Iterable[str] | None = None) -> list[VnfView]:
+        """Every VNF, or those of `vnf_ids` the world knows (one request either way)."""
+        if vnf_ids is None:
+            return await self._models(VnfView, "vnfs", "GET", "/v1/vnfs")
+        params = [("id", v) for v in vnf_ids]
+        if not params:
+            return []
+        return await self._models(VnfView, "vnfs", "GET", "/v1/vnfs", params=params)
 
     async def vnf(self, vnf_id: str) -> VnfView:
         return await self._model(VnfView, "GET", f"/v1/vnfs/{_seg(vnf_id)}")

@@ -650,9 +650,13 @@ class WorldEngine:
         self._begin()
         return self._vm_view(self._vm(vm_id))
 
-    def vnfs(self) -> list[VnfView]:
+    def vnfs(self, vnf_ids: Iterable[str] | None = None) -> list[VnfView]:
+        """Every VNF, or those of `vnf_ids` that exist (in that order, each once)."""
         self._begin()
-        return [self._vnf_view(v) for v in self.state.vnfs.values()]
+        if vnf_ids is None:
+            return [self._vnf_view(v) for v in self.state.vnfs.values()]
+        wanted = (self.state.vnfs.get(v) for v in dict.fromkeys(vnf_ids))
+        return [self._vnf_view(v) for v in wanted if v is not None]
 
     def vnf(self, vnf_id: str) -> VnfView:
         self._begin()

@@ -219,7 +219,8 @@ async def migrate_vm(request: web.Request) -> web.Response:
 
 
 async def list_vnfs(request: web.Request) -> web.Response:
-    return _json({"vnfs": _engine(request).vnfs()})
+    """Every VNF, or those named by `?id=` (repeatable; unknown ids are left out)."""
+    return _json({"vnfs": _engine(request).vnfs(request.query.getall("id", None))})
 
 
 async def get_vnf(request: web.Request) -> web.Response:

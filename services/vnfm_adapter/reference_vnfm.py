@@ -66,7 +66,7 @@ from schemas.events import (
     VnfMaintenanceNotified,
     VnfRecovered,
 )
-from schemas.types import AffectedVnf, BusinessOutcome, MaintenanceAction, VmBusinessOutcome
+from schemas.types import BusinessOutcome, MaintenanceAction, VmBusinessOutcome
 from services.vnfm_adapter.settings import ReferenceVnfmSettings
 
 log = logging.getLogger(__name__)
@@ -287,19 +287,19 @@ class ReferenceVnfm:
         return f"reference-vnfm/{self.vnfm_id}"
 
     async def _views(self, vnf_ids: Iterable[str]) -> dict[str, VnfView | None]:
-        """The VNFs as the cloud shows them, read concurrently (one notice names several)."""
-
-        async def view(vnf_id: str) -> VnfView | None:
-            try:
-                return await self.world.vnf(vnf_id)
-            except WorldError as exc:
-                if exc.status == 0:
-                    raise  # the world is unreachable: let the caller retry the notice
-                return None
-
+        """The VNFs as the cloud shows them (None: unknown to it), in one request: a notice
+        names several, and every request to the cloud's API is a wait on the cycle's path."""
         wanted = list(dict.fromkeys(vnf_ids))
-        found = await asyncio.gather(*(view(v) for v in wanted))
-        return dict(zip(wanted, found, strict=True))
+        if not wanted:
+            return {}
+        try:
+            found = {view.id: view for view in await self.world.vnfs(wanted)}
+        except WorldError as exc:
+            if exc.status == 0:
+                raise  # the world is unreachable: let the caller retry the notice
+            log.warning("%s: reading VNFs %s failed: %s", self.producer, wanted, exc)
+            found = {}
+        return {vnf_id: found.get(vnf_id) for vnf_id in wanted}
 
     async def _execute(self, plan: VmPlan) -> VmPlan:
         try:
@@ -363,26 +363,28 @@ class ReferenceVnfm:
             return None
         if notice.notice_id in self.refused or len(self.refused) < self.refuse_first:
             return await self._refuse(notice)
-        # Each VNF read, planned and acted on by itself, its own members one after another (a
-        # switch-over then a drain of one pair depend on each other); different VNFs at once,
-        # as a VNFM with many VNFs would, so that no VNF waits for another's read.
+        views = await self._views(a.vnf_id for a in notice.vnfs)
+        plans = plan_notice(notice, self.vnfm_id, views)
+        # Each VNF's own members one after another (a switch-over then a drain of one pair
+        # depend on each other); different VNFs at once, as a VNFM with many VNFs would.
+        by_vnf: dict[str, list[VmPlan]] = {}
+        for plan in plans:
+            by_vnf.setdefault(plan.vnf_id, []).append(plan)
 
-        async def run(affected: AffectedVnf) -> list[VmPlan]:
-            views = await self._views([affected.vnf_id])
-            plans = plan_notice(
-                notice.model_copy(update={"vnfs": (affected,)}), self.vnfm_id, views
-            )
+        async def run(group: list[VmPlan]) -> list[VmPlan]:
             if self.ack_without_acting:
-                return list(plans)
-            return [await self._execute(plan) for plan in plans]
+                return group
+            return [await self._execute(plan) for plan in group]
 
-        results = [
-            result
-            for outcome in await asyncio.gather(*(run(a) for a in notice.vnfs))
-            for result in outcome
-        ]
+        acted = await asyncio.gather(*(run(group) for group in by_vnf.values()))
+        results = {
+            id(plan): result
+            for group, outcome in zip(by_vnf.values(), acted, strict=True)
+            for plan, result in zip(group, outcome, strict=True)
+        }
         done: list[VmPlan] = []
-        for result in results:
+        for plan in plans:
+            result = results[id(plan)]
             if result.action is WorldAction.DRAIN and not self.ack_without_acting:
                 self.drained.setdefault(notice.node_id, set()).add((result.vnf_id, result.vm_id))
             log.info("%s: %s/%s -> %s (%s)", self.producer, *_vm(result), result.reason)

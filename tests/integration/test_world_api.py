@@ -232,6 +232,15 @@ async def test_migrations_avoid_nodes_and_an_injected_fault_fails_one(world: Wor
     assert "outside its avoided nodes" in nowhere.value.message
 
 
+async def test_vnfs_can_be_read_by_id_in_one_request(world: WorldClient) -> None:
+    every = await world.vnfs()
+    some = [every[3].id, "vnf-nobody-has", every[0].id, every[3].id]
+    found = await world.vnfs(some)
+    # those that exist, each once, in the order asked; an unknown id is left out
+    assert [v.id for v in found] == [every[3].id, every[0].id]
+    assert await world.vnfs([]) == []
+
+
 async def test_vnfm_actions(world: WorldClient) -> None:
     vnfs = await world.vnfs()
     # Earlier tests rebooted nodes: pick VNFs whose members are all up and in sync.

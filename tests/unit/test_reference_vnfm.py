@@ -253,6 +253,11 @@ class FakeWorld:
             raise WorldError(404, f"unknown VNF {vnf_id!r}")
         return self.views[vnf_id]
 
+    async def vnfs(self, vnf_ids: Any = None) -> list[VnfView]:
+        wanted = list(vnf_ids)
+        self.calls.append(("vnfs", *wanted))
+        return [self.views[v] for v in wanted if v in self.views]
+
     async def _act(self, name: str, vnf_id: str, member: str) -> VnfView:
         self.calls.append((name, vnf_id, member))
         if name in self.refuse:
@@ -324,12 +329,22 @@ async def test_broken_driver_claims_moves_it_never_made() -> None:
     reply = await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)}))
     assert reply is not None and sent == [reply]
     assert {o.vm_id: o.outcome for o in reply.outcomes} == {"vm-a1": SWITCHED, "vm-l1": DRAINED}
-    assert [c for c in world.calls if c[0] != "vnf"] == [] and vnfm.drained == {}
+    assert [c for c in world.calls if c[0] != "vnfs"] == [] and vnfm.drained == {}
+
+
+async def test_driver_reads_every_vnf_of_a_notice_in_one_request() -> None:
+    world = FakeWorld(active_standby(), load_balanced())
+    vnfm, _ = driver(world)
+    await vnfm.handle_notice(
+        notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",), "vnf-x": ("vm-x",)})
+    )
+    reads = [c for c in world.calls if c[0] in ("vnf", "vnfs")]
+    assert reads == [("vnfs", "vnf-as", "vnf-lb", "vnf-x")]
 
 
 async def test_driver_does_not_swallow_an_unreachable_world() -> None:
     class Down(FakeWorld):
-        async def vnf(self, vnf_id: str) -> VnfView:
+        async def vnfs(self, vnf_ids: Any = None) -> list[VnfView]:
             raise WorldError(0, "unreachable")
 
     vnfm, sent = driver(Down())
@@ -369,7 +384,7 @@ async def test_driver_refuses_the_first_notices_without_acting_then_answers() ->
     again = await vnfm.handle_notice(first)  # a redelivery: the same refusal
     assert isinstance(again, BusinessMoveRefused) and again.event_id == r1.event_id
     assert isinstance(await vnfm.handle_notice(second), BusinessMoveRefused)
-    assert [c for c in world.calls if c[0] != "vnf"] == []
+    assert world.calls == []
     assert isinstance(await vnfm.handle_notice(third), VnfBusinessMoved)
     assert [type(e).__name__ for e in sent] == [
         "BusinessMoveRefused",
