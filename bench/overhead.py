@@ -19,7 +19,12 @@ What is measured (all times from the events themselves, read back from every top
   with the services' own client settings (`make_producer`: acks=all, idempotence, linger_ms;
   `make_consumer`: fetch_max_wait_ms), each side waiting for its send's ack like
   `EventPublisher.publish`.
-* **ratio_to_floor** = cycle_ms_p50 / (hops_per_cycle x pingpong hop ms).
+* **ratio_to_floor** = cycle_ms_p50 / (hops_per_cycle x pingpong hop ms). The ping-pong runs
+  on the idle deployment just before the campaign; a second one runs during the campaign
+  (`pingpong_during_campaign_ms_p50`, `ratio_to_floor_during_campaign`), because on a small
+  machine the campaign's own load slows every hop, the bare one included. The headline stays
+  the idle one. `ratio_to_round_trip_floor` takes the issue's wording literally (hops x the
+  whole round trip: a floor twice as high).
 
 The analysis functions are pure (events in, numbers out) and unit-tested
 (tests/unit/test_bench_overhead.py); `run(ctx)` drives the processes.
@@ -28,6 +33,7 @@ The analysis functions are pure (events in, numbers out) and unit-tested
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -54,6 +60,8 @@ QUICK_NODES = 50
 AGENTS_PER_POOL = 250
 MAX_POOLS = 4
 PINGPONG_ROUNDS = 500
+# The second ping-pong starts this long after the campaign's request (the campaign under way).
+DURING_DELAY_S = 2.0
 QUICK_PINGPONG_ROUNDS = 100
 PINGPONG_WARMUP = 20
 PINGPONG_PAYLOAD = 300
@@ -396,6 +404,7 @@ def summarize(
     *,
     events: int,
     wall_s: float,
+    busy_hop_ms: float | None = None,
 ) -> dict[str, Any]:
     """The section's headline numbers from the cycles and the ping-pong hop."""
     if not cycles:
@@ -434,6 +443,10 @@ def summarize(
         "ratio_to_round_trip_floor": (
             rounded(cycle_p50 / (hops_p50 * 2 * hop_ms), 2) if hops_p50 else None
         ),
+        # The floor with the hop measured while the campaign ran (same machine load).
+        "ratio_to_floor_during_campaign": (
+            rounded(cycle_p50 / (hops_p50 * busy_hop_ms), 2) if hops_p50 and busy_hop_ms else None
+        ),
         "events": events,
         "campaign_wall_s": rounded(wall_s, 1),
         "events_per_s": rounded(events / wall_s, 1) if wall_s > 0 else None,
@@ -460,6 +473,7 @@ def rows(result: dict[str, Any]) -> list[Row]:
     ratio = o.get("ratio_to_floor")
     joined = o.get("ratio_to_floor_with_joins")
     loose = o.get("ratio_to_round_trip_floor")
+    busy = o.get("ratio_to_floor_during_campaign")
     target = f"<= {TARGET_RATIO}x floor"
     hops = o.get("hops_per_cycle")
     hops_note = "" if o.get("hops_constant") else f" (varies: {o.get('hops_histogram')})"
@@ -489,6 +503,16 @@ def rows(result: dict[str, Any]) -> list[Row]:
             f"{joined}" if joined is not None else "n/a",
             target,
             None if joined is None else joined <= TARGET_RATIO,
+        ),
+        Row(
+            "overhead: ping-pong one hop ms p50, during the campaign",
+            f"{o.get('pingpong_during_campaign_ms_p50')}",
+        ),
+        Row(
+            "overhead: cycle p50 / floor with that hop",
+            f"{busy}" if busy is not None else "n/a",
+            target,
+            None if busy is None else busy <= TARGET_RATIO,
         ),
         Row(
             "overhead: cycle p50 / (hops x round trip), the issue's wording",
@@ -773,6 +797,22 @@ async def ping(
         await producer.stop()
 
 
+async def _pingpong_during(
+    settings: Any, group: Any, rounds: int, *, delay_s: float
+) -> dict[str, Any]:
+    """The ping-pong in a group of its own: its far side ends by itself, which must never look
+    like a service dying to the campaign's liveness checks on the deployment's group."""
+    from escalator.processes import ProcessGroup
+
+    await asyncio.sleep(delay_s)
+    own = ProcessGroup(log_dir=group.log_dir, base_env=group.base_env)
+    try:
+        stats, _ = await measure_pingpong(settings, own, rounds)
+    finally:
+        own.stop_all(grace_s=2.0)
+    return stats
+
+
 async def measure_pingpong(
     settings: Any, group: Any, rounds: int, linger_ms: int | None = None
 ) -> tuple[dict[str, Any], list[float]]:
@@ -900,9 +940,22 @@ async def _run(ctx: BenchContext) -> dict[str, Any]:
         result["campaign_id"] = campaign_id
         ctx.log(f"overhead: campaign {campaign_id} over {nodes} nodes, max_parallel 1")
         await publish_upgrade_request(settings, request)
-        state = await follow_campaign(
-            settings, campaign_id, deployment, nodes, max(600.0, nodes * 3.0), ctx.log
+        # The same ping-pong again while the campaign runs, once it is under way: the bare hop
+        # under the load the cycles see (a diagnostic beside the idle floor, not instead of it).
+        during = asyncio.create_task(
+            _pingpong_during(settings, deployment.group, rounds, delay_s=DURING_DELAY_S)
         )
+        try:
+            state = await follow_campaign(
+                settings, campaign_id, deployment, nodes, max(600.0, nodes * 3.0), ctx.log
+            )
+        finally:
+            if not during.done():
+                during.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                busy = await during
+                result["pingpong_during_campaign_ms_p50"] = busy["pingpong_ms_p50"]
+                result["pingpong_during_campaign_rtt_ms_p50"] = busy["pingpong_rtt_ms_p50"]
         result["state"] = state
         ctx.log(f"overhead: campaign {state}; reading its events back")
         outcome: dict[str, Any] = {}
@@ -922,7 +975,13 @@ async def _run(ctx: BenchContext) -> dict[str, Any]:
     last = ended[0].occurred_at if ended else max(e.occurred_at for e in by_id.values())
     cycles = analyse_cycles(by_id.values(), topic_consumers(settings))
     result.update(
-        summarize(cycles, result["pingpong_ms_p50"], events=len(by_id), wall_s=last - first)
+        summarize(
+            cycles,
+            result["pingpong_ms_p50"],
+            events=len(by_id),
+            wall_s=last - first,
+            busy_hop_ms=result.get("pingpong_during_campaign_ms_p50"),
+        )
     )
     result["cycle_ms_by_service_p50"] = time_by_service(cycles)
     result["upgrade_manager_inputs_per_cycle_p50"] = inputs_per_cycle(
