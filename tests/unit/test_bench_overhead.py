@@ -261,6 +261,11 @@ def test_summary_numbers_and_the_ratio_to_the_floor() -> None:
     busy = summarize(cycles, 5.0, events=1, wall_s=1.0, busy_hop_ms=8.0)
     assert busy["ratio_to_floor_during_campaign"] == pytest.approx(cycle_ms / 80.0, abs=0.01)
     assert busy["ratio_to_floor"] == result["ratio_to_floor"]  # the headline keeps the idle hop
+    # Just above the target stays above it: not rounded down to a "met" 1.5.
+    close = summarize(cycles, cycle_ms / (10 * 1.505), events=1, wall_s=1.0)
+    assert close["ratio_to_floor"] == pytest.approx(1.505, abs=1e-9)
+    [shown] = [r for r in rows(close) if r.metric == "overhead: cycle p50 / floor"]
+    assert shown.met is False
 
 
 def test_varying_hops_are_reported_not_hidden() -> None:
