@@ -38,6 +38,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from escalator.processes import await_while_alive
+
 if TYPE_CHECKING:
     from escalator.broker import BrokerHandle
     from escalator.settings import KafkaSettings
@@ -444,7 +446,6 @@ async def wait_for_inventory(
     from schemas.topics import CLOUD_INVENTORY
 
     missing = {n.encode() for n in node_ids}
-    give_up = time.monotonic() + timeout_s
 
     async def follow() -> None:
         async for record in scan(settings, CLOUD_INVENTORY, follow=True):
@@ -452,17 +453,12 @@ async def wait_for_inventory(
             if not missing:
                 return
 
-    task = asyncio.create_task(follow())
-    try:
-        while not task.done():
-            deployment.check_alive()
-            if time.monotonic() > give_up:
-                raise TimeoutError(
-                    f"the inventory lacks {len(missing)} of {len(node_ids)} node(s) after "
-                    f"{timeout_s:.0f} s"
-                )
-            await asyncio.wait({task}, timeout=0.5)
-        task.result()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await await_while_alive(
+        asyncio.create_task(follow()),
+        deployment.check_alive,
+        timeout_s=timeout_s,
+        timed_out=lambda: (
+            f"the inventory lacks {len(missing)} of {len(node_ids)} node(s) after {timeout_s:.0f} s"
+        ),
+        poll_s=0.5,
+    )

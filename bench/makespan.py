@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import Row, wait_for_inventory
+from escalator.processes import await_while_alive
 
 if TYPE_CHECKING:
     from bench.common import BenchContext
@@ -390,20 +391,18 @@ async def _live_campaign(
     log(f"makespan: campaign {campaign_id} started, max_parallel {nodes}, speed {speed}")
     async with WorldClient(deployment.world_url) as world:
         sampler = asyncio.create_task(sample(world))
-        give_up = time.monotonic() + timeout_s
         try:
-            while not follower.done():
-                deployment.check_alive()
-                if time.monotonic() > give_up:
-                    raise TimeoutError(
-                        f"campaign {campaign_id} still {board.view(campaign_id).state} "
-                        f"after {timeout_s:.0f} s"
-                    )
-                await asyncio.wait({follower}, timeout=1.0)
-            follower.result()
+            await await_while_alive(
+                follower,
+                deployment.check_alive,
+                timeout_s=timeout_s,
+                timed_out=lambda: (
+                    f"campaign {campaign_id} still "
+                    f"{board.view(campaign_id).state} after {timeout_s:.0f} s"
+                ),
+            )
         finally:
             done.set()
-            follower.cancel()
             await asyncio.gather(sampler, return_exceptions=True)
         after = await world.snapshot()
 

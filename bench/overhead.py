@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchContext, Row, percentile, rounded, wait_log
+from escalator.processes import await_while_alive
 
 # --- sizes -------------------------------------------------------------------------------------
 
@@ -627,25 +628,25 @@ async def follow_campaign(
                 outcome.append(event.event_type)
                 return
 
-    task = asyncio.create_task(follow())
-    give_up = time.monotonic() + timeout_s
     last_report = time.monotonic()
-    try:
-        while not task.done():
-            deployment.check_alive()
-            if time.monotonic() > give_up:
-                raise TimeoutError(
-                    f"campaign {campaign_id} not finished after {timeout_s:.0f}s "
-                    f"({len(finished)}/{total} nodes)"
-                )
-            if time.monotonic() - last_report > 15:
-                log(f"overhead: {len(finished)}/{total} nodes finished")
-                last_report = time.monotonic()
-            await asyncio.wait({task}, timeout=1.0)
-        task.result()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+
+    def report() -> bool:
+        nonlocal last_report
+        if time.monotonic() - last_report > 15:
+            log(f"overhead: {len(finished)}/{total} nodes finished")
+            last_report = time.monotonic()
+        return False
+
+    await await_while_alive(
+        asyncio.create_task(follow()),
+        deployment.check_alive,
+        timeout_s=timeout_s,
+        timed_out=lambda: (
+            f"campaign {campaign_id} not finished after {timeout_s:.0f}s "
+            f"({len(finished)}/{total} nodes)"
+        ),
+        on_poll=report,
+    )
     return outcome[0] if outcome else "unknown"
 
 

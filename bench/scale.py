@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import Row, percentile, rounded, wait_for_inventory, wait_log
+from escalator.processes import await_while_alive
 
 if TYPE_CHECKING:
     from bench.common import BenchContext
@@ -636,28 +637,30 @@ async def follow_campaign(
                 if follow.outcome is not None:
                     return
 
-    task = asyncio.create_task(read())
     last_log = time.monotonic()
-    try:
-        while not task.done():
-            deployment.check_alive()
-            now = time.monotonic()
-            if follow.requested_at and now - follow.requested_at > budget_s:
-                log(f"scale: campaign budget of {budget_s:.0f} s spent; stopping the run")
-                return
-            if follow.requested_at and now - last_log >= PROGRESS_LOG_S:
-                last_log = now
-                elapsed = now - follow.requested_at
-                stats = rate_and_projection(follow.finish_times, follow.total, elapsed)
-                log(
-                    f"scale: {len(follow.finished)}/{follow.total} nodes done after "
-                    f"{elapsed:.0f} s ({stats['nodes_per_min_recent']} nodes/min lately)"
-                )
-            await asyncio.wait({task}, timeout=1.0)
-        task.result()
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+
+    def budget_spent_or_report() -> bool:
+        nonlocal last_log
+        now = time.monotonic()
+        if follow.requested_at and now - follow.requested_at > budget_s:
+            log(f"scale: campaign budget of {budget_s:.0f} s spent; stopping the run")
+            return True
+        if follow.requested_at and now - last_log >= PROGRESS_LOG_S:
+            last_log = now
+            elapsed = now - follow.requested_at
+            stats = rate_and_projection(follow.finish_times, follow.total, elapsed)
+            log(
+                f"scale: {len(follow.finished)}/{follow.total} nodes done after "
+                f"{elapsed:.0f} s ({stats['nodes_per_min_recent']} nodes/min lately)"
+            )
+        return False
+
+    await await_while_alive(
+        asyncio.create_task(read()),
+        deployment.check_alive,
+        timeout_s=None,
+        on_poll=budget_spent_or_report,
+    )
 
 
 _READY = re.compile(r"ready \(rebalance (\d+),.*state of \d+ campaign\(s\) read in ([\d.]+) s")

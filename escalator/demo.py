@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from escalator.processes import ProcessGroup, python_module
+from escalator.processes import ProcessGroup, await_while_alive, python_module
 from escalator.settings import KafkaSettings
 
 DEMO_SHA = "5f2b1c7d9e0a4b3c8d6e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e"
@@ -163,8 +163,6 @@ async def wait_for_heartbeats(
     from schemas.topics import NODE_HEARTBEATS
 
     missing = set(node_ids)
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout_s
 
     async def follow() -> None:
         async for record in scan(settings, NODE_HEARTBEATS, follow=True):
@@ -173,16 +171,13 @@ async def wait_for_heartbeats(
             if not missing:
                 return
 
-    task = asyncio.create_task(follow())
-    try:
-        while not task.done():
-            deployment.check_alive()
-            if loop.time() > give_up:
-                raise TimeoutError(f"no heartbeat from {sorted(missing)} within {timeout_s}s")
-            await asyncio.wait({task}, timeout=0.5)
-        task.result()
-    finally:
-        task.cancel()
+    await await_while_alive(
+        asyncio.create_task(follow()),
+        deployment.check_alive,
+        timeout_s=timeout_s,
+        timed_out=lambda: f"no heartbeat from {sorted(missing)} within {timeout_s}s",
+        poll_s=0.5,
+    )
 
 
 def write_demo_manifest(run_dir: Path, version: str) -> Path:

@@ -7,6 +7,7 @@ what the restart-safety and chaos tests need.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import re
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 _PR_SET_PDEATHSIG = 1
 
@@ -181,3 +183,38 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what or condition}")
         time.sleep(interval_s)
+
+
+T = TypeVar("T")
+
+
+async def await_while_alive(
+    task: asyncio.Task[T],
+    check_alive: Callable[[], None],
+    *,
+    timeout_s: float | None,
+    timed_out: Callable[[], str] = lambda: "timed out",
+    poll_s: float = 1.0,
+    on_poll: Callable[[], bool] | None = None,
+) -> T | None:
+    """The result of `task`, waited for while the processes it depends on live.
+
+    Every `poll_s`: `check_alive()` (which raises when a child died: the task would never end),
+    then the deadline (`TimeoutError(timed_out())` once `timeout_s` passed), then `on_poll()`,
+    which may stop the wait early by returning True (the result is then None). However the wait
+    ends, an unfinished task is cancelled and awaited.
+    """
+    give_up = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while not task.done():
+            check_alive()
+            if give_up is not None and time.monotonic() > give_up:
+                raise TimeoutError(timed_out())
+            if on_poll is not None and on_poll():
+                return None
+            await asyncio.wait({task}, timeout=poll_s)
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
