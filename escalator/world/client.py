@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -19,6 +19,8 @@ from escalator.world.model import (
     NodeView,
     RebootRecord,
     VmView,
+    VnfAction,
+    VnfActionResult,
     VnfView,
     WorldSnapshot,
 )
@@ -274,6 +276,15 @@ class WorldClient:
         return await self._model(
             VnfView, "POST", f"/v1/vnfs/{_seg(vnf_id)}/drain", json={"member": member}
         )
+
+    async def vnf_actions(self, actions: Sequence[VnfAction]) -> list[VnfActionResult]:
+        """Several VNFM actions in one request, applied in order, each on its own; one result
+        per action, a refusal in its place. Raises WorldError only when the request as a whole
+        fails (unreachable: status 0)."""
+        if not actions:
+            return []
+        body = {"actions": [a.model_dump(mode="json") for a in actions]}
+        return await self._models(VnfActionResult, "results", "POST", "/v1/vnfs/actions", json=body)
 
     async def restore_member(self, vnf_id: str, member: str) -> VnfView:
         return await self._model(

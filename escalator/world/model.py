@@ -167,6 +167,27 @@ class VnfView(Vnf):
     members_in_service: list[str]
 
 
+VnfActionKind = Literal["switchover", "drain", "restore"]
+
+
+class VnfAction(WorldModel):
+    """One VNFM action of a batch (`POST /v1/vnfs/actions`): a switch-over to `member`, or
+    a drain or restore of `member`."""
+
+    vnf_id: str = Field(min_length=1)
+    action: VnfActionKind
+    member: str = Field(min_length=1)
+
+
+class VnfActionResult(WorldModel):
+    """The outcome of one action of a batch: the VNF after it, or the refusal (the status
+    and error its own request would have answered)."""
+
+    vnf: VnfView | None = None
+    status: int = 200
+    error: str | None = None
+
+
 class Interruption(WorldModel):
     id: int
     vnf_id: str | None

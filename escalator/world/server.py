@@ -21,10 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from escalator.world.engine import WorldEngine
 from escalator.world.errors import EngineError
+from escalator.world.model import VnfAction, VnfActionResult, VnfView
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL_S = 0.02
+# Actions in one batch request; a notice names a node's VMs, far fewer than this.
+MAX_VNF_ACTIONS = 1000
 ENGINE_KEY = web.AppKey("engine", WorldEngine)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,6 +68,10 @@ class SwitchOverBody(_Body):
 
 class MemberBody(_Body):
     member: str = Field(min_length=1)
+
+
+class VnfActionsBody(_Body):
+    actions: list[VnfAction] = Field(min_length=1, max_length=MAX_VNF_ACTIONS)
 
 
 class FaultsBody(_Body):
@@ -242,6 +249,31 @@ async def restore_member(request: web.Request) -> web.Response:
     return _json(_engine(request).restore_member(request.match_info["vnf_id"], body.member))
 
 
+_VNF_ACTIONS: dict[str, Callable[[WorldEngine, str, str], VnfView]] = {
+    "switchover": WorldEngine.switch_over,
+    "drain": WorldEngine.drain_member,
+    "restore": WorldEngine.restore_member,
+}
+
+
+async def vnf_actions(request: web.Request) -> web.Response:
+    """Several VNFM actions in one request, applied in order, each on its own: a refused one
+    is answered in its place ({"status", "error"}) and the others still happen, as if each had
+    been its own request. A VNFM moving a node's business makes one call instead of one per
+    VNF (with no `await` in between, no other request interleaves)."""
+    body = await _body(request, VnfActionsBody)
+    engine = _engine(request)
+    results: list[VnfActionResult] = []
+    for action in body.actions:
+        try:
+            view = _VNF_ACTIONS[action.action](engine, action.vnf_id, action.member)
+        except EngineError as exc:
+            results.append(VnfActionResult(status=exc.status, error=exc.message))
+        else:
+            results.append(VnfActionResult(vnf=view))
+    return _json({"results": results})
+
+
 async def interruptions(request: web.Request) -> web.Response:
     return _json({"interruptions": _engine(request).interruptions()})
 
@@ -283,6 +315,7 @@ def create_app(engine: WorldEngine, *, tick_interval_s: float = TICK_INTERVAL_S)
             web.post("/v1/vms/{vm_id}/migrate", migrate_vm),
             web.get("/v1/vnfs", list_vnfs),
             web.get("/v1/vnfs/{vnf_id}", get_vnf),
+            web.post("/v1/vnfs/actions", vnf_actions),
             web.post("/v1/vnfs/{vnf_id}/switchover", switch_over),
             web.post("/v1/vnfs/{vnf_id}/drain", drain_member),
             web.post("/v1/vnfs/{vnf_id}/restore", restore_member),

@@ -116,7 +116,13 @@ class WorldCloudBackend:
             # world found no valid node (outside the avoided ones), so none was chosen.
             raise MigrationRefused(err.message, destination=destination) from err
         target = started.migration_target or destination
-        settled = await self.wait_vm_settled(vm_id)
+        # The answer to the request is itself a read of the VM: a migration that already
+        # ended (a short one) needs no poll.
+        settled = (
+            _location(started)
+            if started.status != "migrating"
+            else await self.wait_vm_settled(vm_id)
+        )
         if settled is None:
             raise MigrationRefused(f"VM {vm_id} disappeared while migrating", destination=target)
         if settled.node_id == source:

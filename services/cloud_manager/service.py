@@ -46,7 +46,7 @@ from schemas.events import (
 )
 from schemas.topics import CLOUD_COMMANDS, CLOUD_EVENTS
 from services.cloud_manager import domain
-from services.cloud_manager.domain import ReplyContext
+from services.cloud_manager.domain import ReplyContext, VmLocation
 from services.cloud_manager.inventory import InventoryReporter
 from services.cloud_manager.lanes import NodeLanes, wait_quietly
 from services.cloud_manager.ports import (
@@ -267,8 +267,12 @@ class CloudManagerService:
         refused: str | None = None
         tried: str | None = None  # the destination our last migration was refused or failed on
         rounds = 0
+        # Where our last migration left the VM, as the backend read it when the migration
+        # ended: the next step is decided on that read rather than on another one.
+        landed: VmLocation | None = None
         while True:
-            location = await self._backend.vm_location(cmd.vm_id)
+            location = landed or await self._backend.vm_location(cmd.vm_id)
+            landed = None
             step = domain.next_migration_step(
                 cmd,
                 location,
@@ -286,9 +290,10 @@ class CloudManagerService:
                     await self._backend.wait_vm_settled(step.vm_id)
                 case domain.StartMigration():
                     try:
-                        await self._backend.migrate_vm(
+                        node_id = await self._backend.migrate_vm(
                             step.vm_id, step.source, step.destination, step.avoid
                         )
+                        landed = VmLocation(vm_id=step.vm_id, node_id=node_id, migrating_to=None)
                     except MigrationRefused as err:
                         refused, tried = err.reason, err.destination
                     except CloudRefusal as err:  # pragma: no cover - backends raise the above

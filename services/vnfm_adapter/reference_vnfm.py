@@ -48,7 +48,7 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -56,7 +56,7 @@ from typing import Any
 
 from escalator.entrypoint import settings_error, setup_logging
 from escalator.world.client import WorldClient, WorldError
-from escalator.world.model import VnfView
+from escalator.world.model import VnfAction, VnfView
 from schemas.envelope import Event, command_id, utcnow
 from schemas.events import (
     BusinessMoveRefused,
@@ -301,18 +301,29 @@ class ReferenceVnfm:
             found = {}
         return {vnf_id: found.get(vnf_id) for vnf_id in wanted}
 
-    async def _execute(self, plan: VmPlan) -> VmPlan:
+    async def _execute(self, plans: Sequence[VmPlan]) -> list[VmPlan]:
+        """Ask the world for the plans' actions in one request (in order, each on its own, as a
+        VNFM acting on several VNFs at once); a refused action leaves its VM to the VIM."""
+        acting = [p for p in plans if p.action is not WorldAction.NONE]
+        if not acting:
+            return list(plans)
         try:
-            if plan.action is WorldAction.SWITCH_OVER:
-                assert plan.to_member is not None
-                await self.world.switch_over(plan.vnf_id, plan.to_member)
-            elif plan.action is WorldAction.DRAIN:
-                await self.world.drain_member(plan.vnf_id, plan.vm_id)
+            results = await self.world.vnf_actions([_world_action(p) for p in acting])
         except WorldError as exc:
             if exc.status == 0:
                 raise
-            return plan.with_refusal(f"the world refused {plan.action}: {exc.message}")
-        return plan
+            refused = {
+                id(p): p.with_refusal(f"the world refused {p.action}: {exc.message}")
+                for p in acting
+            }
+            return [refused.get(id(p), p) for p in plans]
+        outcome = {
+            id(p): p
+            if result.error is None
+            else p.with_refusal(f"the world refused {p.action}: {result.error}")
+            for p, result in zip(acting, results, strict=True)
+        }
+        return [outcome.get(id(p), p) for p in plans]
 
     async def _refuse(self, notice: VnfMaintenanceNotified) -> BusinessMoveRefused:
         if notice.notice_id not in self.refused:
@@ -365,26 +376,9 @@ class ReferenceVnfm:
             return await self._refuse(notice)
         views = await self._views(a.vnf_id for a in notice.vnfs)
         plans = plan_notice(notice, self.vnfm_id, views)
-        # Each VNF's own members one after another (a switch-over then a drain of one pair
-        # depend on each other); different VNFs at once, as a VNFM with many VNFs would.
-        by_vnf: dict[str, list[VmPlan]] = {}
-        for plan in plans:
-            by_vnf.setdefault(plan.vnf_id, []).append(plan)
-
-        async def run(group: list[VmPlan]) -> list[VmPlan]:
-            if self.ack_without_acting:
-                return group
-            return [await self._execute(plan) for plan in group]
-
-        acted = await asyncio.gather(*(run(group) for group in by_vnf.values()))
-        results = {
-            id(plan): result
-            for group, outcome in zip(by_vnf.values(), acted, strict=True)
-            for plan, result in zip(group, outcome, strict=True)
-        }
+        acted = plans if self.ack_without_acting else await self._execute(plans)
         done: list[VmPlan] = []
-        for plan in plans:
-            result = results[id(plan)]
+        for result in acted:
             if result.action is WorldAction.DRAIN and not self.ack_without_acting:
                 self.drained.setdefault(notice.node_id, set()).add((result.vnf_id, result.vm_id))
             log.info("%s: %s/%s -> %s (%s)", self.producer, *_vm(result), result.reason)
@@ -405,16 +399,28 @@ class ReferenceVnfm:
             return ()
         remembered = self.drained.get(event.node_id, set())
         views = await self._views([*event.vnf_ids, *(vnf for vnf, _ in remembered)])
+        restoring = list(plan_restore(event, self.vnfm_id, views, sorted(remembered)))
         restored: list[tuple[str, str]] = []
-        for vnf_id, member in plan_restore(event, self.vnfm_id, views, sorted(remembered)):
-            try:
-                await self.world.restore_member(vnf_id, member)
-            except WorldError as exc:
-                if exc.status == 0:
-                    raise
-                log.warning("%s: restoring %s/%s refused: %s", self.producer, vnf_id, member, exc)
-                continue
-            restored.append((vnf_id, member))
+        try:
+            results = await self.world.vnf_actions(
+                [VnfAction(vnf_id=v, action="restore", member=m) for v, m in restoring]
+            )
+        except WorldError as exc:
+            if exc.status == 0:
+                raise
+            log.warning("%s: restoring %s refused: %s", self.producer, restoring, exc)
+        else:
+            for (vnf_id, member), result in zip(restoring, results, strict=True):
+                if result.error is None:
+                    restored.append((vnf_id, member))
+                else:
+                    log.warning(
+                        "%s: restoring %s/%s refused: %s",
+                        self.producer,
+                        vnf_id,
+                        member,
+                        result.error,
+                    )
         self.drained.pop(event.node_id, None)
         if self.recovery_signal:
             for vnf_id in event.vnf_ids:
@@ -463,6 +469,13 @@ class ReferenceVnfm:
         for task in list(self.background):
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+
+
+def _world_action(plan: VmPlan) -> VnfAction:
+    if plan.action is WorldAction.SWITCH_OVER:
+        assert plan.to_member is not None, "a switch-over plan names the member taking over"
+        return VnfAction(vnf_id=plan.vnf_id, action="switchover", member=plan.to_member)
+    return VnfAction(vnf_id=plan.vnf_id, action="drain", member=plan.vm_id)
 
 
 def _vm(plan: VmPlan) -> tuple[str, str, str]:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from escalator.world.client import WorldClient, WorldError
+from escalator.world.model import VnfAction
 
 pytestmark = pytest.mark.integration
 
@@ -271,6 +272,45 @@ async def test_vnfm_actions(world: WorldClient) -> None:
     assert wrong_kind.value.status == 400
 
 
+async def test_vnfm_actions_in_one_request_each_on_its_own(world: WorldClient) -> None:
+    vnfs = await world.vnfs()
+    pair = next(
+        v
+        for v in vnfs
+        if v.redundancy == "active_standby"
+        and set(v.members_up) == set(v.members)
+        and all(s.state == "in_sync" for s in v.sync.values())
+    )
+    standby = next(m for m in pair.members if m != pair.active_member)
+    pool = next(
+        v
+        for v in vnfs
+        if v.redundancy == "load_balanced"
+        and len(v.members) >= 2
+        and set(v.members_in_service) == set(v.members)
+        and all(v.load_share.get(m, 0) > 0 for m in v.members)
+    )
+    results = await world.vnf_actions(
+        [
+            VnfAction(vnf_id=pair.id, action="switchover", member=standby),
+            VnfAction(vnf_id="vnf-nobody-has", action="drain", member="vm-x"),
+            VnfAction(vnf_id=pool.id, action="drain", member=pool.members[0]),
+            # applied in order: it sees the drain just before it
+            VnfAction(vnf_id=pool.id, action="restore", member=pool.members[0]),
+            VnfAction(vnf_id=pair.id, action="drain", member=standby),
+        ]
+    )
+    assert [r.status for r in results] == [200, 404, 200, 200, 400]
+    assert results[0].vnf is not None and results[0].vnf.active_member == standby
+    assert results[1].vnf is None and results[1].error and "vnf-nobody-has" in results[1].error
+    assert results[2].vnf is not None and results[2].vnf.load_share[pool.members[0]] == 0
+    assert results[3].vnf is not None and results[3].vnf.load_share[pool.members[0]] > 0
+    assert results[4].error and "load_balanced" in results[4].error
+    # the refusals undid nothing of the others
+    assert (await world.vnf(pair.id)).active_member == standby
+    assert await world.vnf_actions([]) == []
+
+
 @pytest.mark.parametrize(
     ("method", "path", "kwargs", "status"),
     [
@@ -295,6 +335,27 @@ async def test_vnfm_actions(world: WorldClient) -> None:
         ("POST", "/v1/faults", {"json": {"node_id": "nope", "fail_next_upgrades": 1}}, 404),
         ("POST", "/v1/vnfs/vnf-as-01/switchover", {"json": {"to_member": "nope"}}, 400),
         ("POST", "/v1/vms/vm-001/migrate", {"json": {"avoid": "node-1"}}, 400),
+        ("POST", "/v1/vnfs/actions", {"json": {"actions": []}}, 400),
+        ("POST", "/v1/vnfs/actions", {"json": {}}, 400),
+        (
+            "POST",
+            "/v1/vnfs/actions",
+            {"json": {"actions": [{"vnf_id": "v", "action": "reboot", "member": "m"}]}},
+            400,
+        ),
+        (
+            "POST",
+            "/v1/vnfs/actions",
+            {"json": {"actions": [{"vnf_id": "v", "action": "drain", "member": ""}]}},
+            400,
+        ),
+        (
+            "POST",
+            "/v1/vnfs/actions",
+            {"json": {"actions": [{"vnf_id": "v", "action": "drain", "member": "m"}] * 1001}},
+            400,
+        ),
+        ("GET", "/v1/vnfs/actions", {}, 404),
         (
             "POST",
             "/v1/faults/migrations",

@@ -19,7 +19,7 @@ from escalator.settings import KafkaSettings
 from escalator.world.client import WorldError
 from escalator.world.engine import WorldEngine
 from escalator.world.errors import EngineError
-from escalator.world.model import VmView
+from escalator.world.model import Timings, VmView
 from escalator.world.scenario import generate
 from schemas.envelope import Event
 from schemas.events import (
@@ -377,6 +377,7 @@ class FakeCloud:
         return target
 
     async def vm_location(self, vm_id: str) -> VmLocation | None:
+        self.calls.append(f"locate {vm_id}")
         return self.vms.get(vm_id)
 
     async def wait_vm_settled(self, vm_id: str) -> VmLocation | None:
@@ -482,12 +483,20 @@ async def test_migration_then_its_duplicate_gives_the_same_destination_once() ->
     assert cloud.calls.count("migrate vm-a") == 1
 
 
+async def test_a_migration_that_ended_is_answered_from_where_it_landed() -> None:
+    cloud = FakeCloud()
+    event = await service_over(cloud).reply_to(migration())
+    assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-02"
+    # The migration's own end read is the last look: no second read before the reply.
+    assert cloud.calls == ["locate vm-a", "migrate vm-a"]
+
+
 async def test_migration_under_way_is_waited_for_instead_of_started_again() -> None:
     cloud = FakeCloud()
     cloud.vms["vm-a"] = VmLocation("vm-a", NODE, "compute-0-07")
     event = await service_over(cloud).reply_to(migration())
     assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-07"
-    assert cloud.calls == ["wait vm-a"]
+    assert cloud.calls == ["locate vm-a", "wait vm-a", "locate vm-a"]
 
 
 async def test_incoming_migration_lands_then_leaves() -> None:
@@ -495,7 +504,7 @@ async def test_incoming_migration_lands_then_leaves() -> None:
     cloud.vms["vm-a"] = VmLocation("vm-a", "compute-0-07", NODE)
     event = await service_over(cloud).reply_to(migration())
     assert isinstance(event, VmMigrated) and event.destination_node_id == "compute-0-02"
-    assert cloud.calls == ["wait vm-a", "migrate vm-a"]
+    assert cloud.calls == ["locate vm-a", "wait vm-a", "locate vm-a", "migrate vm-a"]
 
 
 async def test_refused_migration_fails_with_the_clouds_reason() -> None:
@@ -702,6 +711,7 @@ class WorldOverEngine:
         self.engine = engine
         self.clock = clock
         self.calls = 0
+        self.vm_reads = 0
 
     async def inventory_ndjson(self, node_ids: Collection[str] | None = None) -> bytes:
         self.calls += 1
@@ -720,6 +730,7 @@ class WorldOverEngine:
             raise WorldError(err.status, err.message) from err
 
     async def vm(self, vm_id: str) -> VmView:
+        self.vm_reads += 1
         if self.clock is not None:
             self.clock.now += self.clock.step_s
         try:
@@ -798,6 +809,32 @@ async def test_over_the_world_a_failed_destination_is_named_then_avoided() -> No
     assert engine.vm(vm_id).node_id == moved.destination_node_id
     assert engine.node(tried).fail_next_migrations_to == 1  # nothing was sent toward it
     engine.check_indexes()
+
+
+@pytest.mark.parametrize(("migration_s", "reads"), [(0.0, 1), (5.0, 6)])
+async def test_over_the_world_a_migration_is_polled_only_while_it_runs(
+    migration_s: float, reads: int
+) -> None:
+    clock = StepClock()
+    state = generate(nodes=6, failure_domains=2, seed=1, timings=Timings(migration_s=migration_s))
+    engine = WorldEngine(state, clock=clock)
+    backend, world = world_backend(engine, clock)
+    service = CloudManagerService(
+        CloudManagerSettings(),
+        backend=backend,
+        consumer=cast(GroupConsumer, None),
+        publisher=cast(EventPublisher, None),
+        clock=lambda: NOW,
+    )
+    engine.claim_maintenance("node-1", CAMPAIGN)
+    vm_id = engine.list_vms("node-1")[0].id
+    event = await service.reply_to(world_migration(vm_id, "node-1"))
+    assert isinstance(event, VmMigrated), event
+    assert engine.vm(vm_id).node_id == event.destination_node_id != "node-1"
+    # One look before starting; a migration that ended inside the request needs no poll, a
+    # running one is polled until it lands (each read here advances the clock by one second:
+    # five polls for five seconds).
+    assert world.vm_reads == reads
 
 
 async def test_over_the_world_a_retry_never_lands_on_an_avoided_node() -> None:

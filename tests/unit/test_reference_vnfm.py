@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from escalator.world.client import WorldError
-from escalator.world.model import MemberSync, VnfView
+from escalator.world.model import MemberSync, VnfAction, VnfActionResult, VnfView
 from schemas.events import (
     BusinessMoveRefused,
     MaintenanceDeadlineExtended,
@@ -246,6 +246,7 @@ class FakeWorld:
         self.views = {v.id: v for v in views}
         self.refuse = refuse
         self.calls: list[tuple[str, ...]] = []
+        self.batches = 0
 
     async def vnf(self, vnf_id: str) -> VnfView:
         self.calls.append(("vnf", vnf_id))
@@ -258,20 +259,21 @@ class FakeWorld:
         self.calls.append(("vnfs", *wanted))
         return [self.views[v] for v in wanted if v in self.views]
 
-    async def _act(self, name: str, vnf_id: str, member: str) -> VnfView:
-        self.calls.append((name, vnf_id, member))
-        if name in self.refuse:
-            raise WorldError(409, f"{name} refused")
-        return self.views[vnf_id]
+    async def vnf_actions(self, actions: list[VnfAction]) -> list[VnfActionResult]:
+        """One batch request; each action is recorded under the name of its own call."""
+        self.batches += 1
+        results = []
+        for action in actions:
+            name = ACTION_NAMES[action.action]
+            self.calls.append((name, action.vnf_id, action.member))
+            if name in self.refuse:
+                results.append(VnfActionResult(status=409, error=f"{name} refused"))
+            else:
+                results.append(VnfActionResult(vnf=self.views[action.vnf_id]))
+        return results
 
-    async def switch_over(self, vnf_id: str, to_member: str) -> VnfView:
-        return await self._act("switch_over", vnf_id, to_member)
 
-    async def drain_member(self, vnf_id: str, member: str) -> VnfView:
-        return await self._act("drain_member", vnf_id, member)
-
-    async def restore_member(self, vnf_id: str, member: str) -> VnfView:
-        return await self._act("restore_member", vnf_id, member)
+ACTION_NAMES = {"switchover": "switch_over", "drain": "drain_member", "restore": "restore_member"}
 
 
 def driver(world: FakeWorld, **options: Any) -> tuple[ReferenceVnfm, list[VnfBusinessMoved]]:
@@ -298,6 +300,9 @@ async def test_driver_acts_on_the_world_and_replies() -> None:
         "vm-g": LEFT,
     }
     assert vnfm.drained == {NODE: {("vnf-lb", "vm-l1")}}
+    # one read of the notice's VNFs, then one request for all of its actions
+    assert world.batches == 1
+    assert [c[0] for c in world.calls] == ["vnfs", "switch_over", "drain_member"]
 
 
 async def test_driver_reports_left_for_vim_when_the_world_refuses() -> None:
@@ -306,6 +311,30 @@ async def test_driver_reports_left_for_vim_when_the_world_refuses() -> None:
     reply = await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)}))
     assert reply is not None and {o.outcome for o in reply.outcomes} == {LEFT}
     assert vnfm.drained == {}
+
+
+async def test_a_refused_action_of_the_batch_leaves_only_its_vm_to_the_vim() -> None:
+    world = FakeWorld(active_standby(), load_balanced(), refuse=("drain_member",))
+    vnfm, _ = driver(world)
+    reply = await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)}))
+    assert reply is not None
+    outcomes = {o.vm_id: o for o in reply.outcomes}
+    assert outcomes["vm-a1"].outcome == SWITCHED
+    assert outcomes["vm-l1"].outcome == LEFT
+    assert vnfm.drained == {}
+
+
+async def test_a_batch_the_world_rejects_as_a_whole_leaves_every_vm_to_the_vim() -> None:
+    world = FakeWorld(active_standby(), load_balanced())
+
+    async def rejected(actions: list[VnfAction]) -> list[VnfActionResult]:
+        raise WorldError(400, "invalid request body")
+
+    world.vnf_actions = rejected  # type: ignore[method-assign]
+    vnfm, _ = driver(world)
+    reply = await vnfm.handle_notice(notice({"vnf-as": ("vm-a1",), "vnf-lb": ("vm-l1",)}))
+    assert reply is not None
+    assert {o.outcome for o in reply.outcomes} == {LEFT}
 
 
 async def test_driver_never_answers_another_vnfms_notice() -> None:
