@@ -200,6 +200,19 @@ class WorldClient:
             NodeView, "POST", f"/v1/nodes/{_seg(node_id)}/maintenance", json={"holder": holder}
         )
 
+    async def claim_maintenance_listing_vms(
+        self, node_id: str, holder: str
+    ) -> tuple[NodeView, list[VmView]]:
+        """`claim_maintenance`, then `node_vms`, in one request (the world lists right after the
+        claim, with nothing in between). Raises like `claim_maintenance`."""
+        payload = await self._request(
+            "POST",
+            f"/v1/nodes/{_seg(node_id)}/maintenance",
+            json={"holder": holder, "list_vms": True},
+        )
+        node = NodeView.model_validate(payload["node"])
+        return node, TypeAdapter(list[VmView]).validate_python(payload["vms"])
+
     async def release_maintenance(self, node_id: str, holder: str) -> NodeView:
         return await self._model(
             NodeView, "DELETE", f"/v1/nodes/{_seg(node_id)}/maintenance", params={"holder": holder}

@@ -44,6 +44,8 @@ class _Body(BaseModel):
 
 class MaintenanceBody(_Body):
     holder: str = Field(min_length=1)
+    # answer {"node": ..., "vms": [...]}: the node's VMs listed right after the claim
+    list_vms: bool = False
 
 
 class AdminDisableBody(_Body):
@@ -188,7 +190,11 @@ async def node_vms(request: web.Request) -> web.Response:
 
 async def claim_maintenance(request: web.Request) -> web.Response:
     body = await _body(request, MaintenanceBody)
-    return _json(_engine(request).claim_maintenance(request.match_info["node_id"], body.holder))
+    engine, node_id = _engine(request), request.match_info["node_id"]
+    node = engine.claim_maintenance(node_id, body.holder)
+    if not body.list_vms:
+        return _json(node)
+    return _json({"node": node, "vms": engine.list_vms(node_id)})
 
 
 async def release_maintenance(request: web.Request) -> web.Response:

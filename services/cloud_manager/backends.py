@@ -70,13 +70,15 @@ class WorldCloudBackend:
             self._vm_cache = fresh  # forget VMs that are gone or changed
         return listing
 
-    async def claim_maintenance(self, node_id: str, holder: str) -> str:
+    async def claim_and_list_vms(self, node_id: str, holder: str) -> tuple[str, list[VmOnNode]]:
+        """One request: the world claims, then lists, in the same turn."""
         try:
-            node = await self._world.claim_maintenance(node_id, holder)
+            node, vms = await self._world.claim_maintenance_listing_vms(node_id, holder)
         except WorldError as err:
             await self._refuse(err, node_id, ClaimRefused)
         # The world keeps the status from before the first claim; a re-claim returns it too.
-        return node.saved_status.service_status if node.saved_status else node.service_status
+        status = node.saved_status.service_status if node.saved_status else node.service_status
+        return status, [_vm_on_node(vm) for vm in vms]
 
     async def release_maintenance(self, node_id: str, holder: str) -> str:
         try:
@@ -90,16 +92,7 @@ class WorldCloudBackend:
             vms = await self._world.node_vms(node_id)
         except WorldError as err:
             await self._refuse(err, node_id, UnknownNode)
-        return [
-            VmOnNode(
-                vm_id=vm.id,
-                vnf_id=vm.vnf_id,
-                vcpus=vm.vcpus,
-                ram_mb=vm.ram_mb,
-                incoming=vm.incoming,
-            )
-            for vm in vms
-        ]
+        return [_vm_on_node(vm) for vm in vms]
 
     async def migrate_vm(
         self,
@@ -198,6 +191,12 @@ def _node_inventory(
         in_maintenance=holder is not None or node["service_status"] != "enabled",
         maintenance_holder=holder,
         vms=tuple(vms),
+    )
+
+
+def _vm_on_node(vm: VmView) -> VmOnNode:
+    return VmOnNode(
+        vm_id=vm.id, vnf_id=vm.vnf_id, vcpus=vm.vcpus, ram_mb=vm.ram_mb, incoming=vm.incoming
     )
 
 

@@ -2,9 +2,10 @@
 
 Shaped so that an OpenStack backend over openstacksdk fits it one call for one call:
 
-- `claim_maintenance`: `compute.disable_service(service, disabled_reason=...)` on the host's
+- `claim_and_list_vms`: `compute.disable_service(service, disabled_reason=...)` on the host's
   nova-compute, with the holder recorded in the reason (Nova has no compare-and-set: check
-  that the service is enabled, or already disabled with our reason, right before).
+  that the service is enabled, or already disabled with our reason, right before); then the
+  calls of `list_vms`.
 - `release_maintenance`: `compute.enable_service(service)`, or back to the saved reason.
 - `list_vms`: `compute.servers(all_projects=True, host=node)`, plus
   `compute.migrations(dest_compute=node, status="running")` for the incoming ones.
@@ -85,10 +86,12 @@ class UnknownNode(CloudRefusal):
 
 
 class CloudBackend(Protocol):
-    async def claim_maintenance(self, node_id: str, holder: str) -> str:
+    async def claim_and_list_vms(self, node_id: str, holder: str) -> tuple[str, list[VmOnNode]]:
         """Put the node in maintenance for `holder` (compare-and-set; the same holder may claim
-        again). Returns the scheduling status it had before the first claim. Raises
-        `ClaimRefused` or `UnknownNode`."""
+        again), then list its VMs as `list_vms` does: listed only once the claim holds, nothing
+        can land on the node after the list. Returns the scheduling status the node had before
+        the first claim, and the VMs. A cloud whose API does both in one request makes one.
+        Raises `ClaimRefused` or `UnknownNode`."""
         ...
 
     async def release_maintenance(self, node_id: str, holder: str) -> str:

@@ -45,6 +45,7 @@ from schemas.events import (
     VmMigrationRequested,
 )
 from schemas.topics import CLOUD_COMMANDS, CLOUD_EVENTS
+from schemas.types import VmOnNode
 from services.cloud_manager import domain
 from services.cloud_manager.domain import ReplyContext, VmLocation
 from services.cloud_manager.inventory import InventoryReporter
@@ -242,15 +243,16 @@ class CloudManagerService:
 
     async def _enter_maintenance(self, cmd: NodeMaintenanceRequested) -> Event:
         answer: domain.Claimed | domain.ClaimRefused
+        vms: list[VmOnNode] = []
         try:
-            answer = domain.Claimed(await self._backend.claim_maintenance(cmd.node_id, cmd.holder))
+            status, vms = await self._backend.claim_and_list_vms(cmd.node_id, cmd.holder)
+            answer = domain.Claimed(status)
         except (ClaimRefused, UnknownNode) as err:
             answer = domain.ClaimRefused(err.reason, err.current_holder)
         step = domain.after_claim(cmd, answer, self._ctx())
         if isinstance(step, domain.Reply):
             return step.event
-        # Listed only now that the claim holds: nothing can land on the node after this.
-        vms = await self._backend.list_vms(step.node_id)
+        # Listed only once the claim held (the port's contract): nothing can land after it.
         return domain.maintenance_entered(cmd, step, vms, self._ctx()).event
 
     async def _exit_maintenance(self, cmd: NodeMaintenanceExitRequested) -> Event:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from escalator.world.client import WorldClient, WorldError
-from escalator.world.model import NodeView
+from escalator.world.model import NodeView, RebootRecord
 from schemas.types import VersionManifest
 from services.node_agent.domain import manifest_problems
 from services.node_agent.ports import (
@@ -132,7 +132,7 @@ class SimulatedExecutor:
                 await on_progress("waiting for an earlier reboot", 20.0)
                 await self._wait_reboot()
             try:
-                await self._world.reboot_node(
+                started = await self._world.reboot_node(
                     self._node_id, duration_s=self._reboot_s, version=previous_version
                 )
             except WorldError as err:
@@ -144,21 +144,18 @@ class SimulatedExecutor:
                 )
             await on_progress("rebooting", 50.0)
         try:
-            node = await self._wait_reboot()
+            finished, installed = await self._reboot_over(None if resuming else started)
         except TimeoutError as err:
             return RollbackFailed(reason=str(err))
-        finished = node.reboot
-        assert finished is not None
         if finished.state != "succeeded":
             return RollbackFailed(
                 reason=f"reboot #{finished.sequence} into {previous_version} failed",
-                installed_version=node.installed_version,
+                installed_version=installed,
             )
-        if node.installed_version != previous_version:
+        if installed != previous_version:
             return RollbackFailed(
-                reason=f"node runs {node.installed_version} after rebooting into "
-                f"{previous_version}",
-                installed_version=node.installed_version,
+                reason=f"node runs {installed} after rebooting into {previous_version}",
+                installed_version=installed,
             )
         await on_progress("rebooted", 90.0)
         return RollbackSucceeded(version=previous_version, started_here=not resuming)
@@ -188,7 +185,7 @@ class SimulatedExecutor:
                 await on_progress("waiting for an earlier reboot", 20.0)
                 await self._wait_reboot()
             try:
-                record = await self._world.reboot_node(
+                started = await self._world.reboot_node(
                     self._node_id, duration_s=self._reboot_s, version=target
                 )
             except WorldError as err:
@@ -201,25 +198,39 @@ class SimulatedExecutor:
                 )
             await on_progress("rebooting", 30.0)
         try:
-            node = await self._wait_reboot()
+            finished, installed = await self._reboot_over(None if resuming else started)
         except TimeoutError as err:
             return ApplyFailed(reason=str(err), phase="reboot")
-        finished = node.reboot
-        assert finished is not None
         if finished.state != "succeeded":
             return ApplyFailed(
                 reason=f"reboot #{finished.sequence} to {target} failed",
                 phase="reboot",
                 installed_version=finished.previous_version,
             )
-        if node.installed_version != target:
+        if installed != target:
             return ApplyFailed(
-                reason=f"node runs {node.installed_version} after rebooting into {target}",
+                reason=f"node runs {installed} after rebooting into {target}",
                 phase="verify-version",
-                installed_version=node.installed_version,
+                installed_version=installed,
             )
         await on_progress("rebooted", 90.0)
         return ApplySucceeded(version=target, started_here=not resuming)
+
+    async def _reboot_over(self, started: RebootRecord | None) -> tuple[RebootRecord, str]:
+        """The node's latest reboot once it is over, and the version the node runs then.
+
+        The world's answer to the reboot request (`started`) is itself a read of the reboot: one
+        that already ended inside the request (a zero-length one) needs no poll. The world's
+        record states the outcome: a succeeded reboot runs its target version, a failed one
+        kept the previous one."""
+        if started is not None and started.state != "in_progress":
+            succeeded = started.state == "succeeded" and started.target_version is not None
+            installed = started.target_version if succeeded else started.previous_version
+            assert installed is not None
+            return started, installed
+        node = await self._wait_reboot()
+        assert node.reboot is not None
+        return node.reboot, node.installed_version
 
     async def _wait_reboot(self) -> NodeView:
         """The node once its latest reboot is over, as that last poll read it."""

@@ -124,6 +124,19 @@ async def test_maintenance_compare_and_set(world: WorldClient) -> None:
     assert (await world.release_maintenance("node-1", "um-a")).maintenance_holder is None
 
 
+async def test_a_claim_can_answer_with_the_nodes_vms(world: WorldClient) -> None:
+    node, vms = await world.claim_maintenance_listing_vms("node-4", "um-a")
+    assert node.maintenance_holder == "um-a" and node.service_status == "disabled"
+    assert vms == await world.node_vms("node-4") and vms
+    # a re-claim by the same holder answers the same way
+    again, listed = await world.claim_maintenance_listing_vms("node-4", "um-a")
+    assert again.maintenance_holder == "um-a" and listed == vms
+    with pytest.raises(WorldError) as held:
+        await world.claim_maintenance_listing_vms("node-4", "um-b")
+    assert held.value.status == 409
+    await world.release_maintenance("node-4", "um-a")
+
+
 async def test_admin_disabled_node_refuses_claims(world: WorldClient) -> None:
     await world.admin_disable("node-2", "firmware check")
     with pytest.raises(WorldError) as refused:
@@ -328,6 +341,7 @@ async def test_vnfm_actions_in_one_request_each_on_its_own(world: WorldClient) -
         ("POST", "/v1/nodes/node-1/maintenance", {"json": {}}, 400),
         ("POST", "/v1/nodes/node-1/maintenance", {"json": {"holder": "a", "x": 1}}, 400),
         ("DELETE", "/v1/nodes/node-1/maintenance", {}, 400),
+        ("POST", "/v1/nodes/node-1/maintenance", {"json": {"holder": "a", "list_vms": 1}}, 400),
         ("POST", "/v1/nodes/node-1/reboot", {"json": {"fail": "yes"}}, 400),
         ("POST", "/v1/nodes/node-1/reboot", {"json": {"duration_s": -1.0}}, 400),
         ("POST", "/v1/vms/vm-001/migrate", {"json": {"destination": 3}}, 400),

@@ -19,7 +19,7 @@ from escalator.settings import KafkaSettings
 from escalator.world.client import WorldError
 from escalator.world.engine import WorldEngine
 from escalator.world.errors import EngineError
-from escalator.world.model import Timings, VmView
+from escalator.world.model import NodeView, Timings, VmView
 from escalator.world.scenario import generate
 from schemas.envelope import Event
 from schemas.events import (
@@ -315,6 +315,10 @@ class FakeCloud:
     def _node(self, node_id: str) -> None:
         if node_id not in self.status:
             raise UnknownNode(f"unknown node {node_id}")
+
+    async def claim_and_list_vms(self, node_id: str, holder: str) -> tuple[str, list[VmOnNode]]:
+        status = await self.claim_maintenance(node_id, holder)
+        return status, await self.list_vms(node_id)
 
     async def claim_maintenance(self, node_id: str, holder: str) -> str:
         self._maybe_down()
@@ -721,6 +725,22 @@ class WorldOverEngine:
         except EngineError as err:  # as the HTTP API answers it
             raise WorldError(err.status, err.message) from err
 
+    async def claim_maintenance_listing_vms(
+        self, node_id: str, holder: str
+    ) -> tuple[NodeView, list[VmView]]:
+        self.calls += 1
+        try:
+            return self.engine.claim_maintenance(node_id, holder), self.engine.list_vms(node_id)
+        except EngineError as err:
+            raise WorldError(err.status, err.message) from err
+
+    async def node(self, node_id: str) -> NodeView:
+        self.calls += 1
+        try:
+            return self.engine.node(node_id)
+        except EngineError as err:
+            raise WorldError(err.status, err.message) from err
+
     async def migrate_vm(
         self, vm_id: str, destination: str | None = None, *, avoid: Collection[str] = ()
     ) -> VmView:
@@ -835,6 +855,33 @@ async def test_over_the_world_a_migration_is_polled_only_while_it_runs(
     # running one is polled until it lands (each read here advances the clock by one second:
     # five polls for five seconds).
     assert world.vm_reads == reads
+
+
+async def test_over_the_world_a_claim_and_its_vm_list_are_one_request() -> None:
+    clock = StepClock()
+    engine = WorldEngine(generate(nodes=6, failure_domains=2, seed=1), clock=clock)
+    backend, world = world_backend(engine, clock)
+    service = CloudManagerService(
+        CloudManagerSettings(),
+        backend=backend,
+        consumer=cast(GroupConsumer, None),
+        publisher=cast(EventPublisher, None),
+        clock=lambda: NOW,
+    )
+    entered = await service.reply_to(
+        NodeMaintenanceRequested(campaign_id=CAMPAIGN, node_id="node-1", holder=CAMPAIGN)
+    )
+    assert isinstance(entered, NodeMaintenanceEntered), entered
+    assert world.calls == 1
+    assert [vm.vm_id for vm in entered.vms] == [vm.id for vm in engine.list_vms("node-1")]
+    assert entered.prior_status == "enabled"
+    assert engine.node("node-1").maintenance_holder == CAMPAIGN
+    # held by someone else: refused, naming the holder (read once more), nothing listed
+    refused = await service.reply_to(
+        NodeMaintenanceRequested(campaign_id=CAMPAIGN, node_id="node-1", holder="cmp-other")
+    )
+    assert isinstance(refused, NodeMaintenanceRefused) and refused.current_holder == CAMPAIGN
+    assert world.calls == 3
 
 
 async def test_over_the_world_a_retry_never_lands_on_an_avoided_node() -> None:
