@@ -273,8 +273,10 @@ class CloudManagerService:
         # ended: the next step is decided on that read rather than on another one.
         landed: VmLocation | None = None
         while True:
-            location = landed or await self._backend.vm_location(cmd.vm_id)
-            landed = None
+            if landed is None:
+                location = await self._backend.vm_location(cmd.vm_id)
+            else:
+                location, landed = landed, None
             step = domain.next_migration_step(
                 cmd,
                 location,
