@@ -21,7 +21,9 @@ Options that exercise the rest of the handshake:
   it, and the adapter then holds the next notice for that VNF until its cap.
 
 `plan_notice` and `plan_restore` are pure (world views in, plans out); `ReferenceVnfm` executes a
-plan against the world and builds the reply. Per VM of a notice:
+plan against the world and builds the reply. A notice costs two requests to the world, whatever
+its size: one read of its VNFs (`GET /v1/vnfs?id=`), one batch of its actions (`POST
+/v1/vnfs/actions`, applied in order, each refused or done on its own). Per VM of a notice:
 
 * active-standby, the VM is the active member: switch over to a standby that is up, in sync and
   on another node -> `switched_over`;
