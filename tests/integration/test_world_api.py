@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from escalator.world.client import WorldClient, WorldError
-from escalator.world.model import VnfAction
+from escalator.world.model import VnfAction, VnfView
 
 pytestmark = pytest.mark.integration
 
@@ -255,9 +255,9 @@ async def test_vnfs_can_be_read_by_id_in_one_request(world: WorldClient) -> None
     assert await world.vnfs([]) == []
 
 
-async def test_vnfm_actions(world: WorldClient) -> None:
-    vnfs = await world.vnfs()
-    # Earlier tests rebooted nodes: pick VNFs whose members are all up and in sync.
+def healthy_pair(vnfs: list[VnfView]) -> tuple[VnfView, str]:
+    """An active-standby VNF whose members are all up and in sync (earlier tests rebooted
+    nodes), and a standby of it."""
     pair = next(
         v
         for v in vnfs
@@ -265,13 +265,26 @@ async def test_vnfm_actions(world: WorldClient) -> None:
         and set(v.members_up) == set(v.members)
         and all(s.state == "in_sync" for s in v.sync.values())
     )
-    standby = next(m for m in pair.members if m != pair.active_member)
-    assert (await world.switch_over(pair.id, standby)).active_member == standby
-    pool = next(
+    return pair, next(m for m in pair.members if m != pair.active_member)
+
+
+def serving_pool(vnfs: list[VnfView]) -> VnfView:
+    """A load-balanced VNF whose members are all in service and carry load."""
+    return next(
         v
         for v in vnfs
-        if v.redundancy == "load_balanced" and set(v.members_in_service) == set(v.members)
+        if v.redundancy == "load_balanced"
+        and len(v.members) >= 2
+        and set(v.members_in_service) == set(v.members)
+        and all(v.load_share.get(m, 0) > 0 for m in v.members)
     )
+
+
+async def test_vnfm_actions(world: WorldClient) -> None:
+    vnfs = await world.vnfs()
+    pair, standby = healthy_pair(vnfs)
+    assert (await world.switch_over(pair.id, standby)).active_member == standby
+    pool = serving_pool(vnfs)
     drained = await world.drain_member(pool.id, pool.members[0])
     assert drained.load_share[pool.members[0]] == 0
     with pytest.raises(WorldError) as too_few:
@@ -287,22 +300,8 @@ async def test_vnfm_actions(world: WorldClient) -> None:
 
 async def test_vnfm_actions_in_one_request_each_on_its_own(world: WorldClient) -> None:
     vnfs = await world.vnfs()
-    pair = next(
-        v
-        for v in vnfs
-        if v.redundancy == "active_standby"
-        and set(v.members_up) == set(v.members)
-        and all(s.state == "in_sync" for s in v.sync.values())
-    )
-    standby = next(m for m in pair.members if m != pair.active_member)
-    pool = next(
-        v
-        for v in vnfs
-        if v.redundancy == "load_balanced"
-        and len(v.members) >= 2
-        and set(v.members_in_service) == set(v.members)
-        and all(v.load_share.get(m, 0) > 0 for m in v.members)
-    )
+    pair, standby = healthy_pair(vnfs)
+    pool = serving_pool(vnfs)
     results = await world.vnf_actions(
         [
             VnfAction(vnf_id=pair.id, action="switchover", member=standby),

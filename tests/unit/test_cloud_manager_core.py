@@ -775,11 +775,15 @@ def world_backend(
     return WorldCloudBackend(cast(Any, world), poll_s=0), world
 
 
-def world_service(seed: int = 1) -> tuple[CloudManagerService, WorldEngine]:
-    """The Cloud Manager's command flows over the world backend over an in-process engine."""
+def world_rig(
+    seed: int = 1, timings: Timings | None = None
+) -> tuple[CloudManagerService, WorldEngine, WorldOverEngine]:
+    """The Cloud Manager's command flows over the world backend over an in-process engine, and
+    the world client it calls (which counts the calls)."""
     clock = StepClock()
-    engine = WorldEngine(generate(nodes=6, failure_domains=2, seed=seed), clock=clock)
-    backend, _ = world_backend(engine, clock)
+    state = generate(nodes=6, failure_domains=2, seed=seed, timings=timings)
+    engine = WorldEngine(state, clock=clock)
+    backend, world = world_backend(engine, clock)
     service = CloudManagerService(
         CloudManagerSettings(),
         backend=backend,
@@ -787,6 +791,11 @@ def world_service(seed: int = 1) -> tuple[CloudManagerService, WorldEngine]:
         publisher=cast(EventPublisher, None),
         clock=lambda: NOW,
     )
+    return service, engine, world
+
+
+def world_service(seed: int = 1) -> tuple[CloudManagerService, WorldEngine]:
+    service, engine, _ = world_rig(seed)
     return service, engine
 
 
@@ -835,17 +844,7 @@ async def test_over_the_world_a_failed_destination_is_named_then_avoided() -> No
 async def test_over_the_world_a_migration_is_polled_only_while_it_runs(
     migration_s: float, reads: int
 ) -> None:
-    clock = StepClock()
-    state = generate(nodes=6, failure_domains=2, seed=1, timings=Timings(migration_s=migration_s))
-    engine = WorldEngine(state, clock=clock)
-    backend, world = world_backend(engine, clock)
-    service = CloudManagerService(
-        CloudManagerSettings(),
-        backend=backend,
-        consumer=cast(GroupConsumer, None),
-        publisher=cast(EventPublisher, None),
-        clock=lambda: NOW,
-    )
+    service, engine, world = world_rig(timings=Timings(migration_s=migration_s))
     engine.claim_maintenance("node-1", CAMPAIGN)
     vm_id = engine.list_vms("node-1")[0].id
     event = await service.reply_to(world_migration(vm_id, "node-1"))
@@ -858,16 +857,7 @@ async def test_over_the_world_a_migration_is_polled_only_while_it_runs(
 
 
 async def test_over_the_world_a_claim_and_its_vm_list_are_one_request() -> None:
-    clock = StepClock()
-    engine = WorldEngine(generate(nodes=6, failure_domains=2, seed=1), clock=clock)
-    backend, world = world_backend(engine, clock)
-    service = CloudManagerService(
-        CloudManagerSettings(),
-        backend=backend,
-        consumer=cast(GroupConsumer, None),
-        publisher=cast(EventPublisher, None),
-        clock=lambda: NOW,
-    )
+    service, engine, world = world_rig()
     entered = await service.reply_to(
         NodeMaintenanceRequested(campaign_id=CAMPAIGN, node_id="node-1", holder=CAMPAIGN)
     )
