@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from e2e_harness import TARGET, E2EDeployment, for_node, of_type
+from e2e_harness import NODE_AGENT, TARGET, E2EDeployment, for_node, of_type
 
 from escalator.world.client import WorldClient
 
@@ -105,7 +105,19 @@ async def test_second_campaign_on_a_held_node_is_rejected(deploy, campaign_id: s
 
 
 async def test_retry_re_admits_a_quarantined_node(deploy, campaign_id: str) -> None:
-    d: E2EDeployment = deploy(nodes=3, domains=3, seed=0, speed=20)
+    # Short back-offs between the agent's attempts: the test is about the quarantine, not them.
+    d: E2EDeployment = deploy(
+        nodes=3,
+        domains=3,
+        seed=0,
+        speed=20,
+        extra_env={
+            NODE_AGENT: {
+                "ESCALATOR_NODE_AGENT_APPLY_BACKOFF_S": "0.2",
+                "ESCALATOR_NODE_AGENT_APPLY_BACKOFF_MAX_S": "1",
+            }
+        },
+    )
     before = await d.prepare()
     victim = before.nodes[0].id
     partners = {
