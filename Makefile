@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 # What CI runs (.ci/run): everything but the tests marked slow, within the 15-minute budget.
+# The unit tests are CPU-bound and independent, so they run on every core (pytest-xdist); the
+# integration tests run one at a time, since their timings assume a machine they do not share.
+UNIT_WORKERS ?= auto
 test: venv
-	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest -p no:cacheprovider -m "unit and not slow" -n $(UNIT_WORKERS)
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not unit and not slow"
 
 # Everything, slow tests included (the input flood, SASL/TLS brokers, every restart point).
 test-all: venv
