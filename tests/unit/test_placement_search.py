@@ -17,13 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services.upgrade_manager.domain.forecast as forecast_module
-from escalator.plan import cloud_from_world
-from escalator.world.scenario import generate
-from services.upgrade_manager.domain.forecast import (
-    ORDER_SEARCH_WORK,
-    SEARCH_WORK_PER_UNIT,
-    campaign_order,
-)
+from services.upgrade_manager.domain.forecast import SEARCH_WORK_PER_UNIT, campaign_order
 from services.upgrade_manager.domain.planner import (
     SEARCH_MAX_WORK,
     Cloud,
@@ -142,30 +136,43 @@ def test_a_search_that_cannot_be_pruned_stops_at_its_bound_and_says_so() -> None
     assert not any(capacity.added.values()) and not capacity.placed
 
 
+def fragmented_cloud(victims: int) -> Cloud:
+    """Nodes of 20 small VMs each, and 30 hosts with room for one of those VMs each (and a RAM
+    room of their own, so no two are alike): any one node fits, no two at once, and the total
+    free vCPUs cannot show it. Every decision with a node in its cycle searches to the bound."""
+    fillers = [
+        Host.of(f"f{i:02d}", "fd", 8, 100_000, [VmLoad(f"x{i}", None, 5, 90_000 - 10 * i)])
+        for i in range(30)
+    ]
+    nodes = [
+        Host.of(f"n{k}", "fd", 40, 1 << 20, [VmLoad(f"n{k}-{j}", None, 2, 10) for j in range(20)])
+        for k in range(victims)
+    ]
+    return Cloud([*fillers, *nodes])
+
+
 def test_the_order_search_counts_placement_searches_in_its_work_budget(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The generated 12-node world with 15 % spare: every decision of a large batch searches.
-    # Before the searches counted, ordering this campaign took 220 s.
-    state = generate(nodes=12, failure_domains=3, seed=0, vms_per_node=20, spare_fraction=0.15)
-    cloud, rules = cloud_from_world(state)
-    spent = {"units": 0, "forecasts": 0, "largest": 0}
+    cloud = fragmented_cloud(4)
+    nodes = [h for h in cloud.hosts if h.startswith("n")]
+    scored: list[tuple[int, int]] = []  # (decision units, search work) of each forecast
     real = forecast_module.forecast
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         result = real(*args, **kwargs)
-        units = max(1, result.decisions) * len(args[3]) + result.search_work // SEARCH_WORK_PER_UNIT
-        spent["units"] += units
-        spent["forecasts"] += 1
-        spent["largest"] = max(spent["largest"], units)
+        scored.append((max(1, result.decisions) * len(args[3]), result.search_work))
         return result
 
     monkeypatch.setattr(forecast_module, "forecast", counting)
-    order = campaign_order(cloud, rules, Limits(max_parallel=50), sorted(cloud.hosts))
-    assert sorted(order) == sorted(cloud.hosts)
-    assert spent["forecasts"] > 1, "the order search ran"
-    # It stops once the budget is spent: at most one forecast beyond it.
-    assert spent["units"] <= ORDER_SEARCH_WORK + spent["largest"]
+    work = 2_000
+    order = campaign_order(cloud, {}, Limits(max_parallel=4), nodes, work=work)
+    assert sorted(order) == sorted(nodes)
+    units = [d + s // SEARCH_WORK_PER_UNIT for d, s in scored]
+    assert all(s >= SEARCH_MAX_WORK for _, s in scored), "every forecast searched to the bound"
+    # The search stops once its budget is spent, searches included: at most one forecast over.
+    assert sum(units[:-1]) < work, (units, work)
+    assert sum(d for d, _ in scored) < work / 10, "decisions alone would not have stopped it"
 
 
 def test_hosts_alike_in_room_but_not_in_members_are_both_tried() -> None:
