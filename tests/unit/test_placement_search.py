@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,16 +20,23 @@ from hypothesis import strategies as st
 import services.upgrade_manager.domain.forecast as forecast_module
 from services.upgrade_manager.domain.forecast import SEARCH_WORK_PER_UNIT, campaign_order
 from services.upgrade_manager.domain.planner import (
+    SEARCH_CUT_NOTE,
     SEARCH_MAX_WORK,
+    Blocker,
     Cloud,
     Host,
     Limits,
+    Progress,
     VmLoad,
     VnfRule,
     _Capacity,
+    never_upgradable,
+    plan_step,
 )
 
 pytestmark = pytest.mark.unit
+
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def brute_force_fits(
@@ -149,6 +157,34 @@ def fragmented_cloud(victims: int) -> Cloud:
         for k in range(victims)
     ]
     return Cloud([*fillers, *nodes])
+
+
+def test_a_node_blocked_by_a_search_cut_short_says_so() -> None:
+    cloud = fragmented_cloud(2)
+    step = plan_step(
+        cloud,
+        {},
+        Limits(max_parallel=2),
+        Progress(frozenset({"n0"}), 1, 0, None, {}),
+        ["n1"],
+        NOW,
+    )
+    assert step.start == ()
+    blocked = step.blocked["n1"]
+    assert blocked.reason is Blocker.CAPACITY and blocked.detail.endswith(SEARCH_CUT_NOTE)
+    assert step.search_work >= SEARCH_MAX_WORK
+
+
+def test_never_upgradable_tells_a_search_cut_short_from_a_cloud_too_small() -> None:
+    # "big" has 40 VMs of 2 vCPUs: 80 of the 90 vCPUs free, but each host takes one VM, so only
+    # a search shows it cannot fit; "huge" needs more vCPUs than the whole cloud has free.
+    fillers = list(fragmented_cloud(0).hosts.values())
+    big = Host.of("big", "fd", 80, 1 << 20, [VmLoad(f"b{j}", None, 2, 10) for j in range(40)])
+    huge = Host.of("huge", "fd", 100, 1 << 20, [VmLoad("h0", None, 100, 10)])
+    found = never_upgradable(Cloud([*fillers, big, huge]), {}, ["big", "huge"])
+    assert sorted(found) == ["big", "huge"]
+    assert found["big"].detail.endswith(SEARCH_CUT_NOTE)
+    assert not found["huge"].detail.endswith(SEARCH_CUT_NOTE)
 
 
 def test_the_order_search_counts_placement_searches_in_its_work_budget(

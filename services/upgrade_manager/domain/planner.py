@@ -276,6 +276,13 @@ class PlanStep:
 # never takes search effort away from the candidates after it.
 SEARCH_MAX_HOSTS = 200
 SEARCH_MAX_WORK = 20_000
+# Appended to a capacity reason when the search gave up rather than proved there is no room.
+SEARCH_CUT_NOTE = "; no placement found before the search's work bound"
+
+
+# What makes two hosts interchangeable in a search: free room, and the anti-affinity VNFs
+# being placed that each has a member of (in the inventory, and placed in the step).
+_Alike = tuple[tuple[int, int], frozenset[str], frozenset[str]]
 
 
 class _Capacity:
@@ -402,8 +409,6 @@ class _Capacity:
         free = self.free
         free_cpu = sum(free[h][0] for h in hosts)
         free_ram = sum(free[h][1] for h in hosts)
-        if need_cpu[0] > free_cpu or need_ram[0] > free_ram:
-            return None
         separate = {
             vm.vnf_id
             for vm in ordered
@@ -419,7 +424,7 @@ class _Capacity:
         work = 0
         out_of_budget = False
 
-        def alike(node_id: str) -> tuple[tuple[int, int], frozenset[str], frozenset[str]]:
+        def alike(node_id: str) -> _Alike:
             added = self.added.get(node_id, {})
             return (
                 free[node_id],
@@ -438,7 +443,7 @@ class _Capacity:
                 out_of_budget = True
                 return False
             vm = ordered[index]
-            tried: set[tuple[tuple[int, int], frozenset[str], frozenset[str]]] = set()
+            tried: set[_Alike] = set()
             for node_id in sorted(hosts, key=lambda h: (free[h], h)):
                 cpu, ram = free[node_id]
                 if cpu < vm.vcpus or ram < vm.ram_mb:
@@ -694,11 +699,7 @@ def plan_step(
                     Blocker.CAPACITY,
                     f"its {len(host.vms)} VM(s) do not all fit on the nodes left in service"
                     " (vCPUs, RAM, anti-affinity)"
-                    + (
-                        "; no placement found before the search's work bound"
-                        if capacity.search_cut
-                        else ""
-                    ),
+                    + (SEARCH_CUT_NOTE if capacity.search_cut else ""),
                 )
         if reason is not None:
             blocked[node_id] = reason
@@ -870,6 +871,6 @@ def never_upgradable(
                 node_id,
                 f"its {len(host.vms)} VM(s) ({host.used_vcpus} vCPUs, {host.used_ram_mb} MiB) do "
                 "not fit on the other nodes even with all of them in service"
-                + ("; no placement found before the search's work bound" if cut else ""),
+                + (SEARCH_CUT_NOTE if cut else ""),
             )
     return found
